@@ -1,0 +1,47 @@
+# FiRe-MPO pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+# Keep Prefect's database, logs and results inside the checkout, not in ~/.prefect.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PYTHONUNBUFFERED := 1
+# pip prints one harmless warning per package for the machine's empty local index mirrors.
+PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: help install run test test-all lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install the project (+dev) with the held versions
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' 2>&1 | $(PIP_FILTER)
+	@touch $(STAMP)
+
+run: install ## run the full cycle on $(CONFIG) with Prefect's ephemeral API
+	$(BIN)/python -m flows.full_cycle --config $(CONFIG)
+
+test: install ## run the fast test suite
+	$(BIN)/python -m pytest -q
+
+test-all: install ## run every test, slow ones included
+	$(BIN)/python -m pytest -q -m ""
+
+lint: install ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean: ## remove the store, Prefect home and caches (keeps .venv)
+	rm -rf store .prefect .pytest_cache .ruff_cache

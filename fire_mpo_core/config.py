@@ -1,0 +1,189 @@
+"""Typed configuration: one pydantic model per stage plus the cycle config that holds them.
+
+Load a recipe with :func:`load_config` (YAML file, optional dotted overrides)::
+
+    from fire_mpo_core.config import load_config
+    cfg = load_config("configs/default.yaml", overrides={"rounds": 2})
+
+Every model forbids unknown keys and validates types and ranges, so a typo or a negative size
+fails at load time with the file and the dotted field path in the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+StageName = Literal[
+    "prepare", "sft", "sample", "judge", "corrupt", "reference", "train", "evaluate"
+]
+STAGES: tuple[StageName, ...] = (
+    "prepare", "sft", "sample", "judge", "corrupt", "reference", "train", "evaluate"
+)
+#: Stages that run once per cycle (round 0) rather than once per round.
+SETUP_STAGES: tuple[StageName, ...] = ("prepare", "sft")
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Cfg):
+    """What the `prepare` stage generates (SynthLesion) or loads."""
+
+    dataset: Literal["synthlesion"] = Field(
+        default="synthlesion", description="Dataset to prepare; SynthLesion is generated offline."
+    )
+    image_size: int = Field(default=64, ge=32, le=512, description="Square image side in pixels.")
+    n_train_images: int = Field(default=400, ge=1, description="Scans in the train split.")
+    n_val_images: int = Field(default=40, ge=0, description="Scans in the validation split.")
+    n_test_images: int = Field(default=120, ge=1, description="Scans in the test split.")
+    questions_per_image: int = Field(
+        default=4, ge=1, le=16, description="VQA questions drawn per scan."
+    )
+    report_fraction: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="Share of scans that also get a report record."
+    )
+    language_prior: float = Field(
+        default=0.8,
+        ge=0.5,
+        le=1.0,
+        description="Train-only skew of guessable question types (0.5 = none); test is balanced.",
+    )
+    seed: int = Field(default=0, description="Generator seed; same seed, same bytes.")
+
+
+class ModelConfig(_Cfg):
+    """The base LVLM: a tiny model built offline, or a real checkpoint by path / hub id."""
+
+    name_or_path: str | None = Field(
+        default=None,
+        description="Checkpoint path or hub id; None builds the tiny model in `prepare`.",
+    )
+    arch: Literal["llava", "qwen2_vl"] = Field(
+        default="llava", description="Architecture of the tiny model built when no path is given."
+    )
+    hidden_size: int = Field(default=192, ge=16, description="Tiny LM hidden size.")
+    num_layers: int = Field(default=2, ge=1, description="Tiny LM decoder layers.")
+    num_heads: int = Field(default=4, ge=1, description="Tiny LM attention heads.")
+    vision_hidden_size: int = Field(default=64, ge=16, description="Tiny vision tower width.")
+    vision_layers: int = Field(default=2, ge=1, description="Tiny vision tower layers.")
+    patch_size: int = Field(default=8, ge=2, description="Vision patch size in pixels.")
+    vocab_size: int = Field(default=1024, ge=128, description="Tokenizer vocabulary to train.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Weights dtype: float32 on CPU, bfloat16 on GPU."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow hub code execution; off unless you trust the repo."
+    )
+    seed: int = Field(default=0, description="Seed of the random initialisation.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class SFTConfig(_Cfg):
+    """Supervised warm start of the tiny base policy (skipped for real checkpoints)."""
+
+    enabled: bool = Field(default=True, description="Run SFT; off for already-tuned checkpoints.")
+    epochs: float = Field(default=2.0, gt=0, description="Passes over the train split.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    batch_size: int = Field(default=32, ge=1, description="Sequences per optimizer step.")
+    lr: float = Field(default=2e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(default=0.05, ge=0, le=1, description="Linear warmup share.")
+    max_length: int = Field(default=256, ge=16, description="Max tokens per sequence.")
+    include_reports: bool = Field(default=True, description="Train on report records too.")
+    seed: int = Field(default=0, description="Data order and dropout seed.")
+
+
+class EvaluateConfig(_Cfg):
+    """Benchmark evaluation of a policy on a split."""
+
+    split: Literal["val", "test"] = Field(default="test", description="Split to evaluate.")
+    batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
+    max_new_tokens: int = Field(default=48, ge=1, description="Generation budget per answer.")
+    max_samples: int | None = Field(
+        default=None, ge=1, description="Evaluate only the first N records (None: all)."
+    )
+
+
+class CycleConfig(_Cfg):
+    """The full cycle: setup stages, then `rounds` rounds of on-policy alignment."""
+
+    run: str = Field(
+        default="default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name in the store."
+    )
+    store: Path = Field(default=Path("store"), description="Artifact store root folder.")
+    rounds: int = Field(default=1, ge=0, description="On-policy rounds after the setup stages.")
+    seed: int = Field(default=0, description="Global seed; stage seeds default from it.")
+    stages: list[StageName] | None = Field(
+        default=None, description="Run only these stages (their inputs must exist); None: all."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+class ConfigError(ValueError):
+    """A config file failed validation; the message names the file and each bad field."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> CycleConfig:
+    """Load and validate a cycle config from YAML, applying dotted-key overrides.
+
+    Raises:
+        ConfigError: naming the file and the dotted path of every invalid field.
+    """
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid YAML in {p}: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"invalid config {p}: top level must be a mapping")
+        data = loaded or {}
+    for k, v in (overrides or {}).items():
+        _set_dotted(data, k, v)
+    try:
+        return CycleConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

@@ -1,0 +1,1 @@
+"""Datasets and record contracts (SynthLesion, real-format loaders)."""

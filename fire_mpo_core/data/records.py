@@ -1,0 +1,102 @@
+"""Record contracts shared by every stage.
+
+A record is one line of a stage's ``data.jsonl``. Image and mask paths are relative to the folder
+that holds the ``data.jsonl`` (the dataset root), never absolute.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Split = Literal["train", "val", "test"]
+AnswerType = Literal["closed", "open", "report"]
+Quadrant = Literal["upper left", "upper right", "lower left", "lower right"]
+
+
+class Lesion(BaseModel):
+    """One lesion of a SynthLesion scan; locations are in the patient's frame (radiological
+    convention: the patient's left is on the image's right)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    center_xy: tuple[int, int] = Field(description="Centre in image pixels (x = column, y = row).")
+    radius_px: float = Field(gt=0, description="Mean radius in pixels.")
+    size: Literal["small", "medium", "large"] = Field(description="Size class from the radius.")
+    side: Literal["left", "right"] = Field(description="Patient side (image right = patient left).")
+    vertical: Literal["upper", "lower"] = Field(description="Upper or lower half of the image.")
+    quadrant: Quadrant = Field(description="'<vertical> <side>', in the patient's frame.")
+    intensity: Literal["hyperdense", "hypodense"] = Field(description="Brighter or darker than tissue.")
+    shape: Literal["round", "oval", "irregular"] = Field(description="Outline class.")
+    mask: str = Field(description="Relative path of this lesion's own binary mask PNG.")
+
+
+class VQARecord(BaseModel):
+    """One (image, question, answer) sample; reports are the `report` answer type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, description="Unique, stable id.")
+    image: str = Field(min_length=1, description="Relative path of the image file.")
+    mask: str | None = Field(
+        default=None, description="Relative path of the union lesion mask PNG (None: no lesion)."
+    )
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1, description="Canonical short answer, in the model's style.")
+    reference: str | None = Field(
+        default=None,
+        description="The dataset's reference text in its own (different) style, for gt_style pairs.",
+    )
+    answer_type: AnswerType
+    question_type: str = Field(description="presence, location, side, count, size, modality, ...")
+    split: Split
+    modality: str | None = None
+    dataset: str = "synthlesion"
+    lesions: list[Lesion] = Field(default_factory=list)
+
+
+class Rollout(BaseModel):
+    """One on-policy answer sampled from the policy (a line of the `sample` stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="'<record id>#<sample index>'.")
+    record_id: str
+    sample_index: int = Field(ge=0)
+    question: str
+    response: str
+    engine: str = Field(description="hf, vllm or openai.")
+    model_key: str = Field(description="Store key (or name) of the model/adapter that sampled it.")
+    seed: int
+
+
+Span = tuple[int, int]
+
+
+class PreferencePair(BaseModel):
+    """A minimal-edit chosen/rejected pair with the changed spans marked (a line of `judge`).
+
+    Spans are half-open character offsets [start, end) into `chosen` / `rejected`; the text outside
+    the spans is identical in both. Image paths are relative to the dataset root of the
+    `prepare` stage (`image_root` of the manifest); `corrupted_image` is filled by `corrupt`,
+    relative to the corrupt stage's own folder.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    record_id: str
+    image: str
+    mask: str | None = None
+    question: str
+    answer_type: AnswerType
+    chosen: str = Field(min_length=1)
+    rejected: str = Field(min_length=1)
+    chosen_spans: list[Span] = Field(min_length=1)
+    rejected_spans: list[Span] = Field(min_length=1)
+    verdict: Literal["correct", "incorrect"] = Field(
+        description="Judge verdict on the sampled response (incorrect: it is `rejected`)."
+    )
+    style: Literal["on_policy", "gt_style", "style_agnostic"] = "on_policy"
+    corrupted_image: str | None = None

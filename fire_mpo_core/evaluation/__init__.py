@@ -1,0 +1,1 @@
+"""Evaluation: answer metrics for medical VQA and reports, and the benchmark runner."""

@@ -1,0 +1,284 @@
+"""The artifact store: stages share data only through folders on disk (DESIGN.md section 3).
+
+Layout::
+
+    <root>/<run>/round-<k>/<stage>/<key>/
+        data.jsonl       one validated record a line (or a model / adapter / images folder)
+        rejects.jsonl    records that failed, each with its id and reason
+        manifest.json    written last: stage, key, config, inputs, counts, code version, timings
+
+`key` hashes everything the output depends on (input content digests, the stage config, the
+stage's code version), so equal keys mean equal outputs and a rerun can skip the work. A stage is
+built in a private temporary folder and renamed into place only after its manifest is written, so
+a folder without a manifest is never read as finished. Two processes building the same key
+serialise on a lock file; the second finds the first's result and returns it.
+
+Usage::
+
+    store = ArtifactStore("store")
+    result = store.run_stage(run="r", round_=0, stage="prepare", config=cfg.model_dump(),
+                             inputs={}, code=code_version("fire_mpo_core.data"), fn=build)
+
+where ``build(writer)`` writes files under ``writer.path``, calls ``writer.reject(id, reason)``
+for bad records and returns a dict of counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+MANIFEST = "manifest.json"
+DATA = "data.jsonl"
+REJECTS = "rejects.jsonl"
+KEY_LEN = 16
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace, stable across runs (Paths become strings)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest_files(root: Path, exclude: Iterable[str] = (MANIFEST,)) -> str:
+    """sha256 over every file below `root` (relative path + bytes), in sorted order."""
+    h = hashlib.sha256()
+    skip = set(exclude)
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if not p.is_file() or rel in skip:
+            continue
+        h.update(rel.encode() + b"\0")
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source of the named modules or packages (all their .py files).
+
+    A stage lists the modules whose code decides its output; editing any of them changes the
+    stage key, so stale artifacts are never reused after a code change.
+    """
+    h = hashlib.sha256()
+    for name in sorted(set(modules)):
+        mod = importlib.import_module(name)
+        path = Path(mod.__file__ or "")
+        files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+        for f in files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:KEY_LEN]
+
+
+def stage_key(stage: str, config: Any, inputs: dict[str, Path], code: str) -> str:
+    """Content key of a stage output: hash of its config, its inputs' content digests and code."""
+    input_digests = {name: read_manifest(p)["content_digest"] for name, p in sorted(inputs.items())}
+    payload = {"stage": stage, "config": config, "inputs": input_digests, "code": code}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LEN]
+
+
+# --------------------------------------------------------------------------- records
+
+
+def write_jsonl(path: Path, records: Iterable[BaseModel | dict[str, Any]]) -> int:
+    """Write records one JSON object a line (stable key order); returns the count."""
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            obj = r.model_dump(mode="json") if isinstance(r, BaseModel) else r
+            f.write(json.dumps(obj, ensure_ascii=False, sort_keys=True) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(
+    path: Path, model: type[M], on_reject: Callable[[str, str], None] | None = None
+) -> Iterator[M]:
+    """Yield validated records; a bad line is passed to `on_reject(id, reason)` (or raises)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            rid = f"{path.name}:{lineno}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+                if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+                    rid = obj["id"]
+                yield model.model_validate(obj)
+            except ValidationError as e:
+                reason = "; ".join(
+                    f"{'.'.join(map(str, err['loc'])) or '<record>'}: {err['msg']}"
+                    for err in e.errors()
+                )[:500]
+                if on_reject is None:
+                    raise ValueError(f"{path}: record {rid}: {reason}") from e
+                on_reject(rid, reason)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                reason = f"{type(e).__name__}: {str(e)[:300]}"
+                if on_reject is None:
+                    raise ValueError(f"{path}: record {rid}: {reason}") from e
+                on_reject(rid, reason)
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any]:
+    """The manifest of a finished stage folder; raises FileNotFoundError if unfinished."""
+    p = Path(stage_dir) / MANIFEST
+    if not p.is_file():
+        raise FileNotFoundError(f"{stage_dir} is not a finished stage output (no {MANIFEST})")
+    return json.loads(p.read_text())
+
+
+def is_finished(stage_dir: Path) -> bool:
+    try:
+        read_manifest(stage_dir)
+        return True
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class StageWriter:
+    """Handle given to a stage body: write under `path`, reject bad records, add counts."""
+
+    path: Path
+    rejects: list[dict[str, str]] = field(default_factory=list)
+
+    def reject(self, record_id: str, reason: str) -> None:
+        self.rejects.append({"id": str(record_id), "reason": reason})
+
+
+@dataclass(frozen=True)
+class StageResult:
+    path: Path
+    key: str
+    cached: bool
+    manifest: dict[str, Any]
+
+
+class ArtifactStore:
+    """Content-keyed stage outputs under one root folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def stage_root(self, run: str, round_: int, stage: str) -> Path:
+        return self.root / run / f"round-{round_}" / stage
+
+    def stage_dir(self, run: str, round_: int, stage: str, key: str) -> Path:
+        return self.stage_root(run, round_, stage) / key
+
+    def latest(self, run: str, round_: int, stage: str) -> Path | None:
+        """The most recently finished output of a stage, or None."""
+        root = self.stage_root(run, round_, stage)
+        done = [p for p in root.glob("*") if p.is_dir() and is_finished(p)]
+        if not done:
+            return None
+        return max(done, key=lambda p: (read_manifest(p)["finished_at"], p.name))
+
+    def latest_round(self, run: str, stage: str) -> int | None:
+        """Highest round with a finished output of `stage`, or None."""
+        rounds = sorted(
+            (int(p.name.split("-", 1)[1]) for p in (self.root / run).glob("round-*")),
+            reverse=True,
+        )
+        return next((k for k in rounds if self.latest(run, k, stage)), None)
+
+    @contextlib.contextmanager
+    def _lock(self, path: Path) -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def run_stage(
+        self,
+        *,
+        run: str,
+        round_: int,
+        stage: str,
+        config: dict[str, Any],
+        inputs: dict[str, Path],
+        code: str,
+        fn: Callable[[StageWriter], dict[str, Any] | None],
+        refresh: bool = False,
+    ) -> StageResult:
+        """Build a stage output unless a finished one with the same key exists.
+
+        `fn` writes into a private temporary folder; the manifest is written last and the folder
+        renamed into place atomically. Concurrent callers with the same key serialise on a lock
+        and the later ones return the finished result.
+        """
+        key = stage_key(stage, config, inputs, code)
+        final = self.stage_dir(run, round_, stage, key)
+        if not refresh and is_finished(final):
+            return StageResult(final, key, True, read_manifest(final))
+        with self._lock(final.parent / f".{key}.lock"):
+            if not refresh and is_finished(final):
+                return StageResult(final, key, True, read_manifest(final))
+            tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                writer = StageWriter(tmp)
+                t0, started = time.perf_counter(), time.time()
+                counts = dict(fn(writer) or {})
+                write_jsonl(tmp / REJECTS, writer.rejects)
+                counts.setdefault("rejects", len(writer.rejects))
+                manifest = {
+                    "stage": stage,
+                    "key": key,
+                    "run": run,
+                    "round": round_,
+                    "config": config,
+                    "inputs": {
+                        n: {"path": str(p), "key": read_manifest(p)["key"]}
+                        for n, p in sorted(inputs.items())
+                    },
+                    "code_version": code,
+                    "counts": counts,
+                    "content_digest": digest_files(tmp),
+                    "started_at": started,
+                    "finished_at": time.time(),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+                _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+                if final.exists():  # unfinished leftovers (no manifest) or a forced refresh
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return StageResult(final, key, False, manifest)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

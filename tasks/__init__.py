@@ -1,0 +1,1 @@
+"""Prefect tasks, one module per pipeline stage. Thin: resolve inputs, call the core, publish."""

@@ -1,0 +1,162 @@
+"""Shared machinery of the stage tasks: the call contract, content-keyed caching, dashboard output.
+
+Each stage module in `tasks/` defines a body ``body(call, writer) -> counts`` that resolves its
+inputs from the store and calls `fire_mpo_core`, then turns it into a Prefect task with
+:func:`stage_task`. Tasks take one :class:`StageCall` and return the output folder's path (a
+string): stages never pass objects, only artifacts.
+
+Caching: Prefect's cache key is the store's content key (input content digests + stage config +
+code version of the task module and the core modules it calls). If that output folder is missing
+or unfinished, the stale cache record is forgotten first, so deleting an artifact reruns the stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.tasks import Task
+from pydantic import BaseModel, ConfigDict, Field
+
+from fire_mpo_core.config import StageName
+from fire_mpo_core.store import (
+    ArtifactStore,
+    StageResult,
+    StageWriter,
+    code_version,
+    is_finished,
+    stage_key,
+)
+
+CACHE_DIR = "_prefect"  # inside the store root: Prefect's cache records and results
+
+
+class StageCall(BaseModel):
+    """Everything a stage task needs; one pydantic model in, one folder path out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Path = Field(description="Artifact store root.")
+    run: str = Field(description="Run name inside the store.")
+    round: int = Field(ge=0, description="0 for setup stages, k >= 1 for alignment rounds.")
+    stage: StageName
+    config: dict[str, Any] = Field(description="The stage's config (model_dump of its model).")
+    inputs: dict[str, Path] = Field(
+        default_factory=dict, description="Named finished input stage folders."
+    )
+    refresh: bool = Field(default=False, description="Recompute even if a finished output exists.")
+
+    def key(self, code: str) -> str:
+        return stage_key(self.stage, self.config, self.inputs, code)
+
+    def output_dir(self, code: str) -> Path:
+        return ArtifactStore(self.store).stage_dir(self.run, self.round, self.stage, self.key(code))
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Cache key = the store's content key; a missing output folder invalidates the record."""
+
+    code: str = ""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        call = inputs["call"]
+        if not isinstance(call, StageCall):
+            call = StageCall.model_validate(call)
+        if call.refresh:
+            return None
+        cache_key = f"{call.run}-r{call.round}-{call.stage}-{call.key(self.code)}"
+        if not is_finished(call.output_dir(self.code)) and self.key_storage is not None:
+            (Path(self.key_storage) / cache_key).unlink(missing_ok=True)
+        return cache_key
+
+
+Body = Callable[[StageCall, StageWriter], dict[str, Any] | None]
+
+
+def stage_task(
+    stage: StageName,
+    body: Body,
+    code_modules: Sequence[str],
+    *,
+    retries: int = 1,
+    retry_delay_seconds: float | list[float] = 2,
+    tags: Sequence[str] = (),
+) -> Task[[StageCall], str]:
+    """Build the Prefect task of one stage around its body."""
+    code = code_version(*code_modules)
+
+    def run(call: StageCall) -> str:
+        res = ArtifactStore(call.store).run_stage(
+            run=call.run,
+            round_=call.round,
+            stage=call.stage,
+            config=call.config,
+            inputs=call.inputs,
+            code=code,
+            fn=lambda writer: body(call, writer),
+            refresh=call.refresh,
+        )
+        publish_summary(call, res)
+        return str(res.path)
+
+    run.__name__ = f"stage_{stage}"
+    run.__qualname__ = run.__name__
+    run.__module__ = body.__module__
+    return task(
+        run,
+        name=stage,
+        task_run_name=f"{stage}-r{{call.round}}",
+        cache_policy=StageCachePolicy(code=code),
+        persist_result=True,
+        result_serializer="json",
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        tags=list(tags),
+    )
+
+
+def bind(t: Task[[StageCall], str], store: Path) -> Task[[StageCall], str]:
+    """Point a stage task's cache records and results at `<store>/_prefect`."""
+    cache_dir = Path(store).resolve() / CACHE_DIR
+    policy = t.cache_policy
+    assert isinstance(policy, StageCachePolicy)
+    return t.with_options(
+        cache_policy=policy.configure(key_storage=cache_dir),
+        result_storage=cache_dir,
+    )
+
+
+def publish_summary(call: StageCall, res: StageResult) -> None:
+    """A per-stage table on the dashboard: counts, rejects, time, cache hit."""
+    m = res.manifest
+    rows = [{"metric": k, "value": v} for k, v in sorted(m.get("counts", {}).items())]
+    rows += [
+        {"metric": "seconds", "value": m.get("seconds")},
+        {"metric": "cache_hit", "value": res.cached},
+        {"metric": "key", "value": res.key},
+        {"metric": "path", "value": str(res.path)},
+    ]
+    create_table_artifact(
+        rows,
+        key=_artifact_key(f"{call.run}-r{call.round}-{call.stage}"),
+        description=f"Stage `{call.stage}` of run `{call.run}`, round {call.round}",
+    )
+
+
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    out = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(filter(None, out.split("-")))
