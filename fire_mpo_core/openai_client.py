@@ -1,0 +1,344 @@
+"""One client for OpenAI-compatible chat endpoints, shared by the `openai` sampling engine and the
+LLM judge: endpoint config, API key from the environment, round-robin fan-out over several base
+URLs, a concurrency bound, and the single retry loop (exponential backoff with jitter, honouring
+``Retry-After``) that covers transport failures and invalid replies alike::
+
+    from fire_mpo_core.openai_client import ChatClient, OpenAIEndpointConfig, RetryableError
+
+    client = ChatClient(OpenAIEndpointConfig(base_urls=["http://127.0.0.1:8000/v1"], model="m"))
+
+    def check(completion):                   # raise RetryableError to spend another attempt
+        text = completion.choices[0].message.content
+        if not text:
+            raise RetryableError("empty reply")
+        return text
+
+    text = client.complete([{"role": "user", "content": "hi"}], validate=check, temperature=0)
+
+A call that still fails after ``max_retries`` retries raises :class:`ChatFailure`, whose
+``reason`` (like every message this module builds) has the API key redacted; callers turn it into
+a per-record reject, never a crash of the stage. The key itself lives only in the environment
+variable named by ``api_key_env`` and inside the ``openai`` client objects.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import itertools
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import openai
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ChatClient",
+    "ChatFailure",
+    "OpenAIEndpointConfig",
+    "PermanentError",
+    "RetryableError",
+    "backoff_delay",
+    "parse_retry_after",
+    "with_retries",
+]
+
+T = TypeVar("T")
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# HTTP statuses worth another attempt: timeout, conflict, rate limit, server-side failures.
+_RETRY_STATUS = {408, 409, 429}
+# Secrets shorter than this are not redacted (replacing "ab" everywhere would garble messages).
+_MIN_SECRET_LEN = 4
+
+
+class OpenAIEndpointConfig(BaseModel):
+    """An OpenAI-compatible chat endpoint (or several serving the same model)."""
+
+    # Errors show no input values: a key pasted into api_key_env must not be echoed.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    base_urls: list[str] = Field(
+        default_factory=list,
+        description="Endpoint base URLs (e.g. http://host:8000/v1); several fan out round-robin.",
+    )
+    model: str | None = Field(default=None, description="Model name sent in every request.")
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY",
+        description="NAME of the environment variable holding the API key (never the key "
+        "itself); None for servers without authentication.",
+        repr=False,
+    )
+    max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at most.")
+    timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(
+        default=3, ge=0, description="Retries after the first attempt before a record is rejected."
+    )
+    backoff_base_s: float = Field(
+        default=0.5, gt=0, description="First retry delay; doubles each retry (with jitter)."
+    )
+    backoff_max_s: float = Field(
+        default=30.0, gt=0, description="Cap on any retry delay, Retry-After included."
+    )
+
+    @field_validator("base_urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.match(r"^https?://[^\s/]+", url):
+                raise ValueError(f"base URL {url!r} is not an http(s) URL")
+        return [u.rstrip("/") for u in v]
+
+    @model_validator(mode="after")
+    def _checks(self) -> OpenAIEndpointConfig:
+        # Checked here, not in a field validator: a field validator's error carries the bad
+        # value, and a value that is not a variable name is most likely the key itself.
+        # (api_key_env is also left out of repr, which is what an error on the model shows.)
+        if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
+            raise ValueError(
+                "api_key_env must be the NAME of an environment variable (letters, digits, _), "
+                "not the key itself"
+            )
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError(
+                f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_base_s "
+                f"({self.backoff_base_s})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- retry policy
+
+
+class RetryableError(Exception):
+    """One attempt failed in a way another attempt may fix (429, 5xx, timeout, bad reply)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class PermanentError(Exception):
+    """An attempt failed in a way retrying cannot fix (401, 404, 400 ...)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChatFailure(Exception):
+    """A call gave up: after ``attempts`` attempts, or at once on a permanent error."""
+
+    def __init__(self, reason: str, attempts: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.attempts = attempts
+
+
+def backoff_delay(
+    retry: int,
+    base_s: float,
+    max_s: float,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before retry number ``retry`` (0 = the first retry).
+
+    Exponential with "equal jitter": ``d = min(max_s, base_s * 2**retry)``, wait uniform in
+    ``[d/2, d]`` (spreads clients that failed together). A server's ``Retry-After`` is a floor
+    (never retry earlier than asked), and every delay is capped at ``max_s`` so one reply cannot
+    stall a stage indefinitely.
+    """
+    rng = rng or random
+    d = min(max_s, base_s * (2.0**retry))
+    delay = d * (0.5 + 0.5 * rng.random())
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, max_s)
+
+
+def with_retries(
+    attempt: Callable[[int], T],
+    max_retries: int,
+    base_s: float,
+    max_s: float,
+    redact: Callable[[str], str] = lambda s: s,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+) -> T:
+    """Run ``attempt(i)`` for i = 0, 1, ... until it returns, at most ``1 + max_retries`` times.
+
+    ``attempt`` raises :class:`RetryableError` to try again after :func:`backoff_delay`, or
+    :class:`PermanentError` to stop now. Raises :class:`ChatFailure` with the (redacted) reasons.
+    """
+    reasons: list[str] = []
+    for i in range(max_retries + 1):
+        try:
+            return attempt(i)
+        except PermanentError as e:
+            raise ChatFailure(redact(f"attempt {i + 1}: {e.reason}"), i + 1) from None
+        except RetryableError as e:
+            reasons.append(redact(e.reason))
+            if i < max_retries:
+                sleep(backoff_delay(i, base_s, max_s, e.retry_after, rng))
+    # The last reason is the one that decided; earlier ones are kept short for the record.
+    history = "; ".join(dict.fromkeys(reasons))
+    raise ChatFailure(f"gave up after {max_retries + 1} attempts: {history}", max_retries + 1)
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date); None if
+    absent or unreadable."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _resolve_key(env_name: str | None) -> str:
+    if env_name is None:
+        # Servers without auth still need a non-empty key in the openai client; passing one
+        # explicitly also stops the client from silently picking up OPENAI_API_KEY.
+        return "EMPTY"
+    key = os.environ.get(env_name, "")
+    if not key:
+        raise ValueError(
+            f"environment variable {env_name} (openai.api_key_env) is not set; export the API "
+            "key there, or set api_key_env: null for a server without authentication"
+        )
+    return key
+
+
+class ChatClient:
+    """Chat completions against one or more OpenAI-compatible base URLs.
+
+    Thread-safe: call :meth:`complete` from many threads; at most ``max_concurrency`` requests
+    are in flight at once across all of them, and attempts rotate over ``base_urls``, so a retry
+    usually lands on another endpoint.
+    """
+
+    def __init__(self, cfg: OpenAIEndpointConfig, sleep: Callable[[float], None] = time.sleep):
+        if not cfg.base_urls or not cfg.model:
+            raise ValueError("an OpenAI endpoint needs base_urls and model")
+        self.cfg = cfg
+        key = _resolve_key(cfg.api_key_env)
+        self._secrets = [key] if len(key) >= _MIN_SECRET_LEN and key != "EMPTY" else []
+        # The SDK's own retries are off: one retry loop (ours) decides, so attempts are counted
+        # and backed off in one place.
+        self._clients = [
+            openai.OpenAI(base_url=url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
+            for url in cfg.base_urls
+        ]
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(cfg.max_concurrency)
+        self._sleep = sleep
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:  # never the key
+        return f"ChatClient(model={self.cfg.model!r}, base_urls={self.cfg.base_urls!r})"
+
+    def redact(self, text: str) -> str:
+        """``text`` with every occurrence of the API key replaced by ``[REDACTED]``."""
+        for s in self._secrets:
+            text = text.replace(s, "[REDACTED]")
+        return text
+
+    def _pick(self) -> tuple[str, openai.OpenAI]:
+        with self._lock:
+            i = next(self._next) % len(self._clients)
+        return self.cfg.base_urls[i], self._clients[i]
+
+    def _request(self, messages: list[dict[str, Any]], params: dict[str, Any]):
+        url, client = self._pick()
+        try:
+            with self._slots:
+                out = client.chat.completions.create(
+                    model=self.cfg.model, messages=messages, **params
+                )
+        except openai.APITimeoutError:
+            raise RetryableError(f"{url}: timed out after {self.cfg.timeout_s} s") from None
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            raise RetryableError(f"{url}: connection error: {type(cause).__name__}") from None
+        except openai.APIStatusError as e:
+            reason = f"{url}: HTTP {e.status_code}: {_short(e.message)}"
+            if e.status_code in _RETRY_STATUS or e.status_code >= 500:
+                raise RetryableError(reason, parse_retry_after(e.response.headers)) from None
+            raise PermanentError(reason) from None
+        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as e:
+            raise RetryableError(f"{url}: malformed response: {_short(str(e))}") from None
+        # A body that is not JSON can come back as a plain string instead of raising.
+        if not hasattr(out, "choices") or not isinstance(out.choices, list):
+            raise RetryableError(f"{url}: malformed response: not a chat completion")
+        return out
+
+    def complete(
+        self,
+        messages: list[dict[str, Any]],
+        validate: Callable[[Any], T] | None = None,
+        **params: Any,
+    ) -> T:
+        """Send one chat-completion request (retried as needed) and return ``validate(reply)``.
+
+        Args:
+            messages: chat messages in the OpenAI format.
+            validate: turns the ``ChatCompletion`` into the caller's result, raising
+                :class:`RetryableError` for a reply worth asking again for (invalid JSON, wrong
+                spans ...); the default returns the completion itself.
+            **params: request parameters (``n``, ``temperature``, ``max_tokens``,
+                ``response_format``, ``seed`` ...).
+
+        Raises:
+            ChatFailure: after ``1 + max_retries`` failed attempts, or on a permanent HTTP error.
+        """
+        check = validate or (lambda c: c)
+
+        def attempt(_: int) -> T:
+            return check(self._request(messages, params))
+
+        return with_retries(
+            attempt,
+            self.cfg.max_retries,
+            self.cfg.backoff_base_s,
+            self.cfg.backoff_max_s,
+            redact=self.redact,
+            sleep=self._sleep,
+            rng=self._rng,
+        )
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

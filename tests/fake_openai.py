@@ -1,0 +1,266 @@
+"""A fake OpenAI chat-completions server for tests: a real HTTP server on 127.0.0.1 (a free port),
+stdlib ``http.server`` in a background thread, scriptable per test::
+
+    from tests.fake_openai import FakeOpenAI, ok, rate_limited, server_error, hang, drop
+
+    with FakeOpenAI() as fake:                       # fake.base_url = "http://127.0.0.1:PORT/v1"
+        fake.script(rate_limited(0.05), server_error(500), ok("yes"))
+        ...                                          # point a client at fake.base_url
+        fake.requests[0].body["model"], fake.requests[0].headers["authorization"]
+
+Each POST /v1/chat/completions takes the next scripted behaviour (or ``default`` once the script
+is used up): ``ok`` (content, a list of choice contents, or a function of the request body),
+``rate_limited`` (429 + Retry-After), ``server_error`` (any status), ``hang`` (sleep, e.g. past
+the client timeout, then answer), ``drop`` (close the connection without a response),
+``malformed`` (200 with a body that is not JSON). Received requests are recorded with their
+headers and JSON body; ``max_in_flight`` is the most requests handled at once. Nothing is ever
+printed (the auth header stays in ``requests``). Sleeps are bounded and interrupted by
+:meth:`FakeOpenAI.stop`; the server also stops by itself after ``lifetime_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Content = str | list[str] | Callable[[dict[str, Any]], str | list[str]]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What the server does with one request."""
+
+    kind: str  # ok | status | hang | drop | malformed
+    content: Content | None = None
+    status: int = 200
+    retry_after: str | None = None
+    delay_s: float = 0.0
+    message: str | None = None
+
+
+def ok(content: Content = "ok", delay_s: float = 0.0) -> Behaviour:
+    """200 with ``content`` as every choice (a list: one choice each, possibly fewer than n)."""
+    return Behaviour("ok", content=content, delay_s=delay_s)
+
+
+def rate_limited(retry_after: float | str = 0.05) -> Behaviour:
+    return Behaviour("status", status=429, retry_after=str(retry_after))
+
+
+def server_error(status: int = 500, message: str | None = None) -> Behaviour:
+    """An HTTP error status with an OpenAI-style error body (``message`` or a default)."""
+    return Behaviour("status", status=status, message=message)
+
+
+def hang(seconds: float = 1.0, content: Content = "late") -> Behaviour:
+    """Sleep (past the client's timeout, typically), then answer if anyone is still there."""
+    return Behaviour("ok", content=content, delay_s=seconds)
+
+
+def drop() -> Behaviour:
+    """Close the connection without sending a response."""
+    return Behaviour("drop")
+
+
+def malformed() -> Behaviour:
+    """200, ``Content-Type: application/json``, a truncated JSON body."""
+    return Behaviour("malformed")
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: Any
+    t: float
+
+
+@dataclass
+class _State:
+    script: collections.deque = field(default_factory=collections.deque)
+    requests: list[Received] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+def _choices(content: Content, body: dict[str, Any]) -> list[str]:
+    n = int(body.get("n") or 1)
+    value = content(body) if callable(content) else content
+    if isinstance(value, str):
+        return [value] * n
+    return list(value)[:n]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # silent: never print headers
+        return
+
+    def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_POST(self) -> None:
+        state = self.server.state
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        with state.lock:
+            state.requests.append(
+                Received(
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                    time.monotonic(),
+                )
+            )
+            behaviour = state.script.popleft() if state.script else self.server.default
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            self._respond(behaviour, body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout): nothing to answer
+        finally:
+            with state.lock:
+                state.in_flight -= 1
+
+    def _respond(self, b: Behaviour, body: Any) -> None:
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._send(404, b'{"error": {"message": "not found"}}')
+            return
+        if not isinstance(body, dict):
+            self._send(400, b'{"error": {"message": "request body is not JSON"}}')
+            return
+        if b.delay_s:
+            # Bounded, and cut short when the server stops.
+            self.server.state.stopping.wait(min(b.delay_s, self.server.max_sleep_s))
+        if b.kind == "drop":
+            self.close_connection = True
+            return
+        if b.kind == "malformed":
+            self._send(200, b'{"id": "chatcmpl-x", "choices": [{"message": ')
+            return
+        if b.kind == "status":
+            msg = b.message or f"fake error {b.status}"
+            err = {"error": {"message": msg, "type": "fake", "code": None}}
+            headers = {"Retry-After": b.retry_after} if b.retry_after is not None else {}
+            self._send(b.status, json.dumps(err).encode(), headers)
+            return
+        texts = _choices(b.content if b.content is not None else "ok", body)
+        reply = {
+            "id": f"chatcmpl-{len(self.server.state.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+                for i, t in enumerate(texts)
+            ],
+            "usage": {
+                "prompt_tokens": 10,
+                "completion_tokens": sum(len(t.split()) for t in texts),
+                "total_tokens": 10 + sum(len(t.split()) for t in texts),
+            },
+        }
+        self._send(200, json.dumps(reply).encode())
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    state: _State
+    default: Behaviour
+    max_sleep_s: float
+
+
+class FakeOpenAI:
+    """The fake server; a context manager (or :meth:`start` / :meth:`stop`)."""
+
+    def __init__(
+        self, default: Behaviour | None = None, max_sleep_s: float = 5.0, lifetime_s: float = 120.0
+    ):
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.state = _State()
+        self._server.default = default or ok()
+        self._server.max_sleep_s = max_sleep_s
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        # A forgotten server stops by itself.
+        self._watchdog = threading.Timer(lifetime_s, self.stop)
+        self._watchdog.daemon = True
+        self._started = False
+        self._stopped = False
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> FakeOpenAI:
+        self._started = True
+        self._thread.start()
+        self._watchdog.start()
+        return self
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._watchdog.cancel()
+        self._server.state.stopping.set()
+        if self._started:  # shutdown() waits for serve_forever, which must be running
+            self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def script(self, *behaviours: Behaviour) -> None:
+        """Queue behaviours for the next requests, in order."""
+        with self._server.state.lock:
+            self._server.state.script.extend(behaviours)
+
+    def set_default(self, behaviour: Behaviour) -> None:
+        self._server.default = behaviour
+
+    @property
+    def requests(self) -> list[Received]:
+        with self._server.state.lock:
+            return list(self._server.state.requests)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._server.state.max_in_flight
+
+    @property
+    def pending(self) -> int:
+        """Scripted behaviours not used yet."""
+        with self._server.state.lock:
+            return len(self._server.state.script)
