@@ -145,7 +145,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         got = e.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        # Never echo what might be a secret pasted into a key/token field.
+        secret = any(w in loc.lower() for w in ("key", "token", "secret", "password"))
+        shown = "" if isinstance(got, dict | list) or secret else f" (got {got!r})"
         lines.append(f"  {loc}: {e['msg']}{shown}")
     return "\n".join(lines)
 

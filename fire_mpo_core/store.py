@@ -226,12 +226,15 @@ class ArtifactStore:
         code: str,
         fn: Callable[[StageWriter], dict[str, Any] | None],
         refresh: bool = False,
+        resumable: bool = False,
     ) -> StageResult:
         """Build a stage output unless a finished one with the same key exists.
 
         `fn` writes into a private temporary folder; the manifest is written last and the folder
         renamed into place atomically. Concurrent callers with the same key serialise on a lock
-        and the later ones return the finished result.
+        and the later ones return the finished result. With `resumable`, the working folder is
+        `.partial-<key>` and survives a failure, so a rerun's `fn` finds what was already
+        written there (record-by-record resume); it is still only renamed into place when done.
         """
         key = stage_key(stage, config, inputs, code)
         final = self.stage_dir(run, round_, stage, key)
@@ -240,8 +243,15 @@ class ArtifactStore:
         with self._lock(final.parent / f".{key}.lock"):
             if not refresh and is_finished(final):
                 return StageResult(final, key, True, read_manifest(final))
-            tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir(parents=True)
+            if resumable:
+                tmp = final.parent / f".partial-{key}"
+                if refresh:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True, exist_ok=True)
+                (tmp / MANIFEST).unlink(missing_ok=True)
+            else:
+                tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+                tmp.mkdir(parents=True)
             try:
                 writer = StageWriter(tmp)
                 t0, started = time.perf_counter(), time.time()
@@ -270,7 +280,8 @@ class ArtifactStore:
                     shutil.rmtree(final)
                 os.replace(tmp, final)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if not resumable:
+                    shutil.rmtree(tmp, ignore_errors=True)
                 raise
         return StageResult(final, key, False, manifest)
 

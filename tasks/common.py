@@ -94,6 +94,7 @@ def stage_task(
     retries: int = 1,
     retry_delay_seconds: float | list[float] = 2,
     tags: Sequence[str] = (),
+    resumable: bool = False,
 ) -> Task[[StageCall], str]:
     """Build the Prefect task of one stage around its body."""
     code = code_version(*code_modules)
@@ -108,6 +109,7 @@ def stage_task(
             code=code,
             fn=lambda writer: body(call, writer),
             refresh=call.refresh,
+            resumable=resumable,
         )
         publish_summary(call, res)
         return str(res.path)

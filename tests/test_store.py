@@ -145,3 +145,29 @@ def test_read_jsonl_rejects_bad_lines(tmp_path):
     assert [r.id for r in out] == ["a#0"]
     assert [i for i, _ in rejects] == ["data.jsonl:2", "b#0", "data.jsonl:4"]
     assert "sample_index" in rejects[1][1]
+
+
+def test_resumable_stage_keeps_partial_work_across_a_crash(tmp_path):
+    store = ArtifactStore(tmp_path)
+    attempts = []
+
+    def flaky(w):
+        out = w.path / "data.jsonl"
+        done = out.read_text().splitlines() if out.exists() else []
+        attempts.append(len(done))
+        with out.open("a") as f:
+            for i in range(len(done), 4):
+                f.write(f"row-{i}\n")
+                if i == 1 and len(attempts) == 1:
+                    f.flush()
+                    raise RuntimeError("crash after two rows")
+        return {"rows": 4}
+
+    with pytest.raises(RuntimeError):
+        store.run_stage(run="r", round_=1, stage="sample", config={}, inputs={}, code="c",
+                        fn=flaky, resumable=True)
+    res = store.run_stage(run="r", round_=1, stage="sample", config={}, inputs={}, code="c",
+                          fn=flaky, resumable=True)
+    assert attempts == [0, 2]  # the second attempt found the two rows written before the crash
+    assert (res.path / "data.jsonl").read_text().splitlines() == [f"row-{i}" for i in range(4)]
+    assert not list(res.path.parent.glob(".partial-*"))
