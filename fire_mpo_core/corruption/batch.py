@@ -1,0 +1,402 @@
+"""The corrupt stage's library half: the paper's mask fallbacks per record, and a parallel batch.
+
+Per record (DESIGN.md section 1, "Corruption in the paper"), :func:`corrupt_for_record` picks the
+region to corrupt in this order and records the path it took in ``info["path"]``:
+
+==================  ======================================================  ====================
+path                when                                                    what is applied
+==================  ======================================================  ====================
+``whole_config``    ``cfg.region == "whole"`` (the whole-image ablation)    `cfg.kind`, no mask
+``dataset_mask``    the record has a non-empty lesion mask                  `cfg.kind` in it
+``no_prompt``       no mask and no prompt                                   noise, `sigma_whole`
+``segmenter``       no mask; the segmenter finds the prompt's region        `cfg.kind` in it
+``not_found``       no mask; prompt given but the segmenter finds nothing   noise, `sigma_whole`
+``no_segmenter``    no mask; prompt given but `cfg.segmenter` is None       noise, `sigma_whole`
+==================  ======================================================  ====================
+
+Noise inside a mask uses `sigma_mask` (45); the whole-image fallbacks use `sigma_whole` (12, the
+value the paper gives for "prompt but nothing found"; DESIGN.md gives no other value for "no
+prompt", so it is the contract's whole-image sigma too). Report records are corrupted with
+whole-image noise in the paper: the stage passes them with mask None and prompt None. A mask
+without a True pixel counts as no mask (the prompt rules then apply), with
+``info["empty_mask"] = True``.
+
+Batch::
+
+    from fire_mpo_core.corruption.batch import CorruptConfig, CorruptItem, corrupt_many
+    cfg = CorruptConfig(kind="noise", num_workers=2, seed=0)
+    items = [CorruptItem(id=r.id, image=path, mask=mask_path, prompt=p) for ...]
+    for res in corrupt_many(items, cfg):       # CorruptResult, in input order
+        res.image, res.info, res.error          # error: None, or why this record failed
+
+Each record's seed is derived from `cfg.seed` and its id with BLAKE2b (:func:`derive_seed`), never
+Python's salted `hash()`, so a record gets the same corruption whatever the worker count, chunk
+size or order. A failing record (unreadable file, mask of the wrong size, over `max_pixels`)
+becomes a result with `error` set; the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fire_mpo_core.corruption.masks import mask_from_source
+from fire_mpo_core.corruption.ops import (
+    CORRUPTIONS,
+    SIGMA_MASK,
+    SIGMA_WHOLE,
+    corrupt,
+    dilate_mask,
+    validate_image,
+    validate_mask,
+)
+from fire_mpo_core.corruption.quality import corruption_quality
+from fire_mpo_core.corruption.segmenter import Segmenter, get_segmenter
+
+Path_ = Literal[
+    "whole_config", "dataset_mask", "no_prompt", "segmenter", "not_found", "no_segmenter"
+]
+
+
+class CorruptConfig(BaseModel):
+    """Configuration of the corrupt stage (library side)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    kind: str = Field(
+        default="noise",
+        description="Corruption inside the lesion mask: noise, inpaint, blur, black or crop.",
+    )
+    region: Literal["lesion", "whole"] = Field(
+        default="lesion",
+        description="'lesion': the paper's mask fallbacks; 'whole': apply `kind` to the whole "
+        "image for every record (the whole-image ablation).",
+    )
+    sigma_mask: float = Field(
+        default=SIGMA_MASK, gt=0, description="Noise std inside a lesion mask, 0-255 scale."
+    )
+    sigma_whole: float = Field(
+        default=SIGMA_WHOLE,
+        gt=0,
+        description="Noise std for whole-image corruption and the no-prompt / not-found "
+        "fallbacks, 0-255 scale.",
+    )
+    dilate_px: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Grow every lesion mask by this many pixels before corrupting (covers "
+        "borders a mask or segmenter misses); 0 = the mask as given.",
+    )
+    params: dict[str, float | int | str | bool] = Field(
+        default_factory=dict,
+        description="Extra keyword parameters of `kind` (e.g. blur sigma, inpaint method); "
+        "noise's sigma comes from sigma_mask / sigma_whole.",
+    )
+    segmenter: str | None = Field(
+        default="classical",
+        description="Registered segmenter used when a record has a prompt but no mask; None "
+        "skips segmentation (prompted records then get whole-image noise).",
+    )
+    segmenter_options: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="Keyword options passed to the segmenter's factory."
+    )
+    resize_masks: bool = Field(
+        default=False,
+        description="Resize a mask whose size differs from its image (nearest neighbour); "
+        "False makes such a record fail with a clear error.",
+    )
+    num_workers: int = Field(
+        default=2, ge=0, le=256, description="Parallel workers; 0 runs in the calling thread."
+    )
+    pool: Literal["process", "thread"] = Field(
+        default="thread",
+        description="Worker kind. Threads (default): no start-up or pickling cost, and OpenCV, "
+        "Pillow and most numpy work release the GIL. Processes: scale pure-Python work (the "
+        "classical segmenter) but cost 1-2 s to start and pickle every image; the calling script "
+        "needs an `if __name__ == '__main__':` guard (forkserver/spawn re-import it).",
+    )
+    start_method: Literal["forkserver", "spawn", "fork"] = Field(
+        default="forkserver",
+        description="multiprocessing start method of the process pool; forkserver is safe in "
+        "threaded parents (Prefect, torch), fork starts fastest.",
+    )
+    chunk_size: int = Field(
+        default=32, ge=1, description="Records sent to a worker at a time (amortises IPC)."
+    )
+    seed: int = Field(default=0, ge=0, description="Base seed; record seeds derive from it.")
+    max_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="Records with more than this many pixels (H*W) are refused as errors.",
+    )
+    quality: bool = Field(
+        default=True, description="Compute quality numbers per image into info['quality']."
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        if v not in CORRUPTIONS:
+            raise ValueError(f"unknown kind {v!r}; known kinds: {', '.join(sorted(CORRUPTIONS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CorruptConfig:
+        if self.region == "whole" and self.kind == "inpaint":
+            raise ValueError("kind 'inpaint' needs a lesion mask; it cannot use region 'whole'")
+        if self.kind == "noise" and "sigma" in self.params:
+            raise ValueError("set noise sigma with sigma_mask / sigma_whole, not params.sigma")
+        return self
+
+
+def derive_seed(base_seed: int, record_id: str) -> int:
+    """Stable 63-bit seed of a record: BLAKE2b-64 of '<base_seed>:<record_id>'."""
+    digest = hashlib.blake2b(f"{int(base_seed)}:{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """uint8 HxW for grey files (L, 1, I;16 rescaled), HxWx3 for colour ones (alpha dropped)."""
+    with Image.open(path) as im:
+        if im.mode in ("L", "RGB"):
+            return np.asarray(im).copy()
+        if im.mode in ("1", "P", "LA"):
+            im2 = im.convert("RGB") if im.mode == "P" else im.convert("L")
+            return np.asarray(im2).copy()
+        if im.mode.startswith("I") or im.mode == "F":
+            a = np.asarray(im).astype(np.float64)
+            lo, hi = float(a.min()), float(a.max())
+            scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+            return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def _noise_params(cfg: CorruptConfig, whole: bool) -> dict[str, Any]:
+    return {"sigma": cfg.sigma_whole if whole else cfg.sigma_mask}
+
+
+def corrupt_for_record(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    prompt: str | None,
+    segmenter: Segmenter | None,
+    cfg: CorruptConfig,
+    *,
+    record_id: str | None = None,
+    seed: int | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Corrupt one record's image with the paper's mask fallbacks (table in the module docstring).
+
+    Args:
+        image: uint8 HxW or HxWx3.
+        mask: bool HxW dataset lesion mask, or None.
+        prompt: segmentation prompt (e.g. from `prompt_from_qa`), or None.
+        segmenter: used only when there is no mask and a prompt; None = no segmentation.
+        cfg: the stage config.
+        record_id: derives the seed as `derive_seed(cfg.seed, record_id)` when `seed` is None.
+        seed: explicit seed (wins over record_id); default `cfg.seed`.
+
+    Returns:
+        (corrupted uint8 image of the input's shape, info) with info keys `path`, `kind`,
+        `sigma` (noise only), `seed`, `mask_pixels`, `mask_fraction`, `prompt`, `empty_mask`,
+        and `quality` (a dict of CorruptionQuality) when `cfg.quality`.
+    """
+    image = validate_image(image)
+    h, w = image.shape[:2]
+    if h * w > cfg.max_pixels:
+        raise ValueError(f"image has {h}x{w} = {h * w} pixels, over max_pixels {cfg.max_pixels}")
+    if seed is None:
+        seed = derive_seed(cfg.seed, record_id) if record_id is not None else cfg.seed
+    prompt = prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
+    info: dict[str, Any] = {"seed": int(seed), "prompt": prompt, "empty_mask": False}
+
+    region: np.ndarray | None = None
+    path: Path_
+    if cfg.region == "whole":
+        path = "whole_config"
+    else:
+        if validate_mask(mask, image.shape) is not None:
+            region = dilate_mask(mask, cfg.dilate_px) if np.count_nonzero(mask) else None
+            info["empty_mask"] = region is None
+        if region is not None:
+            path = "dataset_mask"
+        elif prompt is None:
+            path = "no_prompt"
+        elif segmenter is None:
+            path = "no_segmenter"
+        else:
+            found = segmenter.segment(image, prompt)
+            if found is not None and found.shape != (h, w):
+                raise ValueError(f"segmenter returned shape {found.shape} for image {(h, w)}")
+            if found is not None and np.count_nonzero(found):
+                region = dilate_mask(found.astype(bool), cfg.dilate_px)
+                path = "segmenter"
+            else:
+                path = "not_found"
+
+    if path in ("dataset_mask", "segmenter", "whole_config"):
+        kind = cfg.kind
+        params: dict[str, Any] = dict(cfg.params)
+        if kind == "noise":
+            params.update(_noise_params(cfg, whole=region is None))
+    else:  # the paper's fallbacks: whole-image noise at the whole-image sigma
+        kind, params = "noise", _noise_params(cfg, whole=True)
+    out = corrupt(image, region, kind, int(seed), **params)
+
+    n = int(np.count_nonzero(region)) if region is not None else h * w
+    info.update(
+        path=path,
+        kind=kind,
+        mask_pixels=n,
+        mask_fraction=n / (h * w),
+    )
+    if kind == "noise":
+        info["sigma"] = float(params["sigma"])
+    if cfg.quality:
+        info["quality"] = corruption_quality(image, out, region).model_dump()
+    return out, info
+
+
+@dataclass
+class CorruptItem:
+    """One record to corrupt: an image (array or file path), a mask source and a prompt.
+
+    `mask` may be None, a bool/uint8 array, a mask file path, a COCO RLE dict or a box
+    [x0, y0, x1, y1] (see `masks.mask_from_source`).
+    """
+
+    id: str
+    image: np.ndarray | str | Path
+    mask: Any = None
+    prompt: str | None = None
+
+
+@dataclass
+class CorruptResult:
+    """The outcome for one item: the image (None on error), the info dict, the error message."""
+
+    id: str
+    image: np.ndarray | None
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+# Segmenters are built once per process (threads share them), by name, so that a GPU model is
+# loaded once per worker and nothing unpicklable crosses process boundaries.
+_SEGMENTER_CACHE: dict[tuple[str, str], Segmenter] = {}
+
+
+def _segmenter_for(cfg: CorruptConfig) -> Segmenter | None:
+    if cfg.segmenter is None or cfg.region == "whole":
+        return None
+    key = (cfg.segmenter, repr(sorted(cfg.segmenter_options.items())))
+    if key not in _SEGMENTER_CACHE:
+        _SEGMENTER_CACHE[key] = get_segmenter(cfg.segmenter, **cfg.segmenter_options)
+    return _SEGMENTER_CACHE[key]
+
+
+def _one(item: CorruptItem, cfg: CorruptConfig) -> CorruptResult:
+    try:
+        image = item.image
+        if isinstance(image, str | Path):
+            image = load_image(image)
+        image = validate_image(image)
+        mask = mask_from_source(item.mask, image.shape, resize=cfg.resize_masks)
+        out, info = corrupt_for_record(
+            image, mask, item.prompt, _segmenter_for(cfg), cfg, record_id=item.id
+        )
+        return CorruptResult(id=item.id, image=out, info=info)
+    except (OSError, ValueError, TypeError) as err:
+        return CorruptResult(id=item.id, image=None, error=f"{type(err).__name__}: {err}")
+
+
+def _run_chunk(chunk: list[CorruptItem], cfg: CorruptConfig) -> list[CorruptResult]:
+    return [_one(it, cfg) for it in chunk]
+
+
+def _worker_init() -> None:
+    # One OpenCV thread per worker process: the pool already fills the cores.
+    cv2.setNumThreads(1)
+
+
+def _chunks(items: Iterable[CorruptItem | dict], size: int) -> Iterator[list[CorruptItem]]:
+    chunk: list[CorruptItem] = []
+    for it in items:
+        chunk.append(it if isinstance(it, CorruptItem) else CorruptItem(**it))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _executor(cfg: CorruptConfig) -> Executor:
+    if cfg.pool == "thread":
+        # No initializer: OpenCV's thread count is per process, and this process is the caller's.
+        return ThreadPoolExecutor(cfg.num_workers)
+    ctx = mp.get_context(cfg.start_method)
+    return ProcessPoolExecutor(cfg.num_workers, mp_context=ctx, initializer=_worker_init)
+
+
+def iter_corrupt(
+    items: Iterable[CorruptItem | dict],
+    cfg: CorruptConfig,
+    executor: Executor | None = None,
+) -> Iterator[CorruptResult]:
+    """Corrupt `items` (CorruptItem or dicts of its fields), yielding results in input order.
+
+    Runs in the calling thread when `cfg.num_workers` is 0, else on a pool of `cfg.pool` kind
+    made for this call, or on `executor` when given (left running, so one pool can serve many
+    calls). At most 2 * num_workers chunks are in flight, so memory stays bounded.
+    """
+    if cfg.segmenter is not None and cfg.region == "lesion":
+        get_segmenter(cfg.segmenter, **cfg.segmenter_options)  # fail early on a bad name
+    if cfg.num_workers == 0 and executor is None:
+        for chunk in _chunks(items, cfg.chunk_size):
+            yield from _run_chunk(chunk, cfg)
+        return
+    if executor is not None:
+        yield from _ordered(executor, items, cfg, max(1, cfg.num_workers))
+        return
+    with _executor(cfg) as ex:
+        yield from _ordered(ex, items, cfg, cfg.num_workers)
+
+
+def _ordered(
+    ex: Executor, items: Iterable[CorruptItem | dict], cfg: CorruptConfig, workers: int
+) -> Iterator[CorruptResult]:
+    pending: deque[Future[list[CorruptResult]]] = deque()
+    for chunk in _chunks(items, cfg.chunk_size):
+        pending.append(ex.submit(_run_chunk, chunk, cfg))
+        if len(pending) >= 2 * workers:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
+
+
+def make_executor(cfg: CorruptConfig) -> Executor:
+    """A pool as `iter_corrupt` would make it (cfg.pool, cfg.num_workers >= 1), to reuse."""
+    if cfg.num_workers < 1:
+        raise ValueError("make_executor needs cfg.num_workers >= 1")
+    return _executor(cfg)
+
+
+def corrupt_many(
+    items: Sequence[CorruptItem | dict] | Iterable[CorruptItem | dict],
+    cfg: CorruptConfig,
+    executor: Executor | None = None,
+) -> list[CorruptResult]:
+    """All results of :func:`iter_corrupt` as a list, in input order."""
+    return list(iter_corrupt(items, cfg, executor))
