@@ -48,8 +48,8 @@ report of the same facts.
 
 **Language prior (deliberate, train split only).** With strength ``p = language_prior`` (0.5 means
 none): a train scan has a lesion with probability ``p``, so presence questions are answered
-"yes" at rate ``p``; every other closed question in train is drawn to have the answer "yes" with
-probability ``p``; and the first lesion of a train scan is put in its modality's preferred quadrant
+"yes" at rate ``p``; quadrant questions (:data:`PRIOR_CLOSED_TYPES`) are drawn to have the answer
+"yes" with probability ``p`` (other closed types stay 50/50, so the prior is partial); and the first lesion of a train scan is put in its modality's preferred quadrant
 (:data:`PRIOR_QUADRANT`, e.g. upper left for CT) with probability ``(2p - 1) + (2 - 2p) / 4``
 (0.7 for ``p = 0.8``), else uniformly; a second lesion goes to a uniform other quadrant. A blind
 model therefore beats chance on train. Val and test
@@ -99,6 +99,9 @@ TWO_LESION_RATE = 0.4
 #: Probability that a scan with at least one closed slot gets a presence question; independent of
 #: the scan's content so that the presence yes-rate equals the split's lesion rate.
 PRESENCE_QUESTION_RATE = 0.5
+#: Closed types whose train yes-rate follows the language prior (presence follows the lesion
+#: rate). The others stay 50/50 even in train, so SFT must learn to look at the image.
+PRIOR_CLOSED_TYPES = frozenset({"quadrant"})
 #: Probability that the first open slot is the count question (content-independent, as above).
 COUNT_QUESTION_RATE = 0.35
 
@@ -760,7 +763,10 @@ def make_questions(
         ]
         if not types:
             return False
-        return ask(avail(closed[types[int(rng.integers(len(types)))]], fresh, target))
+        qtype = types[int(rng.integers(len(types)))]
+        if qtype not in PRIOR_CLOSED_TYPES:
+            target = _yn(rng.random() < 0.5)
+        return ask(avail(closed[qtype], fresh, target))
 
     def ask_open(fresh: bool, target: str) -> bool:  # open answers are not drawn: target unused
         # Count only through its content-independent draw (or as a rephrasing once asked).

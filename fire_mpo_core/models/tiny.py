@@ -4,7 +4,9 @@ real ``transformers`` architecture, randomly initialised and saved like any hub 
 The result loads with the same calls as a real model (``load_model`` / ``load_processor``), so every
 stage runs unchanged on a tiny CPU model or a 7B GPU model::
 
-    from fire_mpo_core.config import ModelConfig
+    from transformers.processing_utils import ProcessorMixin
+
+from fire_mpo_core.config import ModelConfig
     from fire_mpo_core.models import build_tiny_model, load_model, load_processor
 
     path = build_tiny_model(ModelConfig(arch="llava"), texts, image_size=64, out_dir=Path("base"))
@@ -46,6 +48,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
 )
+from transformers.processing_utils import ProcessorMixin
 
 from fire_mpo_core.config import ModelConfig
 from fire_mpo_core.models.loading import image_only_processor_class
@@ -55,6 +58,7 @@ __all__ = [
     "QWEN2_VL_CHAT_TEMPLATE",
     "build_tiny_model",
     "build_tiny_tokenizer",
+    "create_tiny_model",
     "mrope_sections",
 ]
 
@@ -147,7 +151,8 @@ def mrope_sections(head_dim: int) -> list[int]:
 
     Images of a still-image task all share one temporal index, so time gets ~1/8 of the
     frequencies (the highest ones) and height / width split the rest equally:
-    head_dim 32 -> [2, 7, 7], 48 -> [4, 10, 10], 128 -> [16, 24, 24] as in Qwen2-VL-7B.
+    head_dim 32 -> [2, 7, 7], 48 -> [4, 10, 10], 128 -> [8, 28, 28] (Qwen2-VL-7B itself
+    uses [16, 24, 24]; any split summing to head_dim / 2 is valid).
     The sections must sum to ``head_dim / 2``, or the model silently mixes axes.
     """
     if head_dim % 2:
@@ -168,7 +173,9 @@ def _vision_heads(width: int) -> int:
 
 def _llava(cfg: ModelConfig, tokenizer, image_size: int) -> tuple[PreTrainedModel, LlavaProcessor]:
     if image_size % cfg.patch_size:
-        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {cfg.patch_size}")
+        raise ValueError(
+            f"image_size {image_size} must be a multiple of patch_size {cfg.patch_size}"
+        )
     n_image_tokens = (image_size // cfg.patch_size) ** 2
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden_size,
@@ -219,7 +226,9 @@ def _llava(cfg: ModelConfig, tokenizer, image_size: int) -> tuple[PreTrainedMode
     return model, processor
 
 
-def _qwen2_vl(cfg: ModelConfig, tokenizer, image_size: int) -> tuple[PreTrainedModel, object]:
+def _qwen2_vl(
+    cfg: ModelConfig, tokenizer, image_size: int
+) -> tuple[PreTrainedModel, ProcessorMixin]:
     merge = 2
     if image_size % (cfg.patch_size * merge):
         raise ValueError(
@@ -282,6 +291,31 @@ def _qwen2_vl(cfg: ModelConfig, tokenizer, image_size: int) -> tuple[PreTrainedM
     return model, processor
 
 
+def create_tiny_model(
+    cfg: ModelConfig, texts: Iterable[str], image_size: int
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Build the tiny model and its processor in memory (what :func:`build_tiny_model` saves).
+
+    Returns ``(model, processor)``: the model in float32, train mode as constructed, initialised
+    with ``torch.manual_seed(cfg.seed)``; see :func:`build_tiny_model` for the sizes.
+    """
+    tokenizer = build_tiny_tokenizer(texts, cfg.vocab_size, cfg.arch)
+    # Seed right before construction: weight init is the only random draw of the build.
+    torch.manual_seed(cfg.seed)
+    if cfg.arch == "llava":
+        model, processor = _llava(cfg, tokenizer, image_size)
+    elif cfg.arch == "qwen2_vl":
+        model, processor = _qwen2_vl(cfg, tokenizer, image_size)
+    else:  # pragma: no cover - ModelConfig's Literal already rejects it
+        raise ValueError(f"unknown tiny architecture {cfg.arch!r}")
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model, processor
+
+
 def build_tiny_model(
     cfg: ModelConfig, texts: Iterable[str], image_size: int, out_dir: Path
 ) -> Path:
@@ -298,26 +332,21 @@ def build_tiny_model(
             ``tokenizer.json``, ``tokenizer_config.json``, ``processor_config.json`` and
             ``chat_template.jinja``. Created if missing; existing files are overwritten.
 
+    Parameter count of ``llava`` (V = tokenizer size, d = hidden_size, L = num_layers,
+    e = vision_hidden_size, Lv = vision_layers, p = patch_size, n = (image_size / p)^2)::
+
+        vision    = 3 p^2 e + e + (n + 1) e + 4 e + Lv (12 e^2 + 13 e)      # CLIP, 2 LayerNorms
+        projector = e d + d + d^2 + d
+        decoder   = V d + L (16 d^2 + 2 d) + d,    lm_head = V d          # MLP width 4 d
+
+    1.74M at the defaults with V = 1024 (0.12M vision, 0.05M projector, 1.38M decoder, 0.2M head).
+
     The weights are float32 (``cfg.dtype`` is the dtype they are loaded in) and initialised with
     ``torch.manual_seed(cfg.seed)``, so the same inputs give byte-identical files.
     """
     out_dir = Path(out_dir)
-    tokenizer = build_tiny_tokenizer(texts, cfg.vocab_size, cfg.arch)
-    # Seed right before construction: weight init is the only random draw of the build.
-    torch.manual_seed(cfg.seed)
-    if cfg.arch == "llava":
-        model, processor = _llava(cfg, tokenizer, image_size)
-    elif cfg.arch == "qwen2_vl":
-        model, processor = _qwen2_vl(cfg, tokenizer, image_size)
-    else:  # pragma: no cover - ModelConfig's Literal already rejects it
-        raise ValueError(f"unknown tiny architecture {cfg.arch!r}")
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model, processor = create_tiny_model(cfg, texts, image_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
-
