@@ -11,6 +11,10 @@ CONFIG ?= configs/default.yaml
 # Keep Prefect's database, logs and results inside the checkout, not in ~/.prefect.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONUNBUFFERED := 1
+# No phoning home from the local server; quiet progress bars from transformers / hub.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
 # pip prints one harmless warning per package for the machine's empty local index mirrors.
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 

@@ -21,7 +21,14 @@ StageName = Literal[
     "prepare", "sft", "sample", "judge", "corrupt", "reference", "train", "evaluate"
 ]
 STAGES: tuple[StageName, ...] = (
-    "prepare", "sft", "sample", "judge", "corrupt", "reference", "train", "evaluate"
+    "prepare",
+    "sft",
+    "sample",
+    "judge",
+    "corrupt",
+    "reference",
+    "train",
+    "evaluate",
 )
 #: Stages that run once per cycle (round 0) rather than once per round.
 SETUP_STAGES: tuple[StageName, ...] = ("prepare", "sft")
@@ -85,7 +92,8 @@ class ModelConfig(_Cfg):
     def _heads_divide(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_heads ({self.num_heads})"
             )
         return self
 
@@ -118,6 +126,14 @@ class EvaluateConfig(_Cfg):
     )
 
 
+# Stage configs owned by their packages. Imported here, after the models above, because those
+# packages import ModelConfig & co. from this module (the cycle config only aggregates them).
+from fire_mpo_core.corruption.batch import CorruptConfig  # noqa: E402
+from fire_mpo_core.judge.base import JudgeConfig  # noqa: E402
+from fire_mpo_core.sampling.config import SampleConfig  # noqa: E402
+from fire_mpo_core.training.config import TrainConfig  # noqa: E402
+
+
 class CycleConfig(_Cfg):
     """The full cycle: setup stages, then `rounds` rounds of on-policy alignment."""
 
@@ -127,12 +143,25 @@ class CycleConfig(_Cfg):
     store: Path = Field(default=Path("store"), description="Artifact store root folder.")
     rounds: int = Field(default=1, ge=0, description="On-policy rounds after the setup stages.")
     seed: int = Field(default=0, description="Global seed; stage seeds default from it.")
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads per stage; 1 is fastest for the tiny model on 2 cores "
+        "(oversubscribed threads spin). None: torch's default.",
+    )
     stages: list[StageName] | None = Field(
         default=None, description="Run only these stages (their inputs must exist); None: all."
     )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    corrupt: CorruptConfig = Field(default_factory=CorruptConfig)
+    train: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="Preference training; the `reference` stage derives its settings from it.",
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 

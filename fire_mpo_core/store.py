@@ -82,8 +82,10 @@ def code_version(*modules: str) -> str:
     h = hashlib.sha256()
     for name in sorted(set(modules)):
         mod = importlib.import_module(name)
-        path = Path(mod.__file__ or "")
-        files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+        if hasattr(mod, "__path__"):  # a package: every module below it
+            files = sorted(f for d in mod.__path__ for f in Path(d).rglob("*.py"))
+        else:
+            files = [Path(mod.__file__)]
         for f in files:
             h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:KEY_LEN]

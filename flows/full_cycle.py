@@ -12,21 +12,43 @@ under the keys the current config gives them, and a missing one is a clear error
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+# A loaded 2-core machine can take longer than Prefect's default 20 s to start the temporary API.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if os.environ.get("PREFECT_HOME"):  # Prefect creates only the last level; its DB then fails
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+
+from prefect import flow, get_run_logger
 from prefect.tasks import Task
 
 from fire_mpo_core.config import STAGES, CycleConfig, StageName, load_config
 from fire_mpo_core.store import is_finished
+from fire_mpo_core.training.config import ReferenceConfig
 from tasks.common import StageCall, bind
+from tasks.corrupt import corrupt
 from tasks.evaluate import evaluate
+from tasks.judge import judge
 from tasks.prepare import prepare
+from tasks.reference import reference
+from tasks.sample import sample
 from tasks.sft import sft
+from tasks.train import train
 
-TASKS: dict[str, Task[[StageCall], str]] = {"prepare": prepare, "sft": sft, "evaluate": evaluate}
+TASKS: dict[str, Task[[StageCall], str]] = {
+    "prepare": prepare,
+    "sft": sft,
+    "sample": sample,
+    "judge": judge,
+    "corrupt": corrupt,
+    "reference": reference,
+    "train": train,
+    "evaluate": evaluate,
+}
 
 
 class _Runner:
@@ -56,6 +78,7 @@ class _Runner:
             config=config,
             inputs={k: Path(v) for k, v in inputs.items()},
             refresh=self.refresh,
+            threads=self.cfg.num_threads,
         )
         task = TASKS[stage]
         if stage in self.selected:
@@ -64,7 +87,7 @@ class _Runner:
         return str(out) if is_finished(out) else None
 
 
-@flow(name="fire-mpo", log_prints=True)
+@flow(name="fire-mpo")
 def fire_mpo(
     config: str = "configs/default.yaml",
     rounds: int | None = None,
@@ -73,7 +96,8 @@ def fire_mpo(
     run: str | None = None,
     refresh: bool = False,
 ) -> str | None:
-    """Prepare data and base model, warm-start it, then evaluate; returns the metrics path."""
+    """prepare -> sft -> evaluate, then per round k: sample (from round k-1's policy) -> judge
+    -> corrupt -> reference -> train -> evaluate. Returns the last metrics.json path."""
     overrides: dict[str, Any] = {}
     for key, value in (("rounds", rounds), ("stages", stages), ("store", store), ("run", run)):
         if value is not None:
@@ -83,30 +107,61 @@ def fire_mpo(
     stage = _Runner(cfg, refresh)
     dtype = cfg.model.dtype
 
-    data = stage(
-        "prepare",
-        0,
-        {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")},
-        {},
-    )
-    base = stage("sft", 0, {"sft": cfg.sft.model_dump(mode="json"), "dtype": dtype},
-                 {"prepare": data})
-    report = stage(
+    section = lambda name: getattr(cfg, name).model_dump(mode="json")  # noqa: E731
+    # The reference pass depends only on what scoring needs (max_length, dtype...), not on lr.
+    ref_cfg = ReferenceConfig.for_training(cfg.train).model_dump(mode="json")
+
+    data = stage("prepare", 0, {"data": section("data"), "model": section("model")}, {})
+    policy = stage("sft", 0, {"sft": section("sft"), "dtype": dtype}, {"prepare": data})
+    evaluation = stage(
         "evaluate",
         0,
-        {"evaluate": cfg.evaluate.model_dump(mode="json"), "dtype": dtype},
-        {"prepare": data, "policy": base},
+        {"evaluate": section("evaluate"), "dtype": dtype},
+        {"prepare": data, "policy": policy},
     )
-    if report is None:
-        print("Evaluation was not run (not among the selected stages).")
+    for k in range(1, cfg.rounds + 1):
+        rollouts = stage(
+            "sample",
+            k,
+            {"sample": section("sample"), "dtype": dtype},
+            {"prepare": data, "policy": policy},
+        )
+        pairs = stage(
+            "judge", k, {"judge": section("judge")}, {"prepare": data, "sample": rollouts}
+        )
+        corrupted = stage(
+            "corrupt", k, {"corrupt": section("corrupt")}, {"prepare": data, "judge": pairs}
+        )
+        ref = stage(
+            "reference",
+            k,
+            {"reference": ref_cfg},
+            {"prepare": data, "corrupt": corrupted, "policy": policy},
+        )
+        policy = stage(
+            "train",
+            k,
+            {"train": section("train")},
+            {"prepare": data, "corrupt": corrupted, "reference": ref, "policy": policy},
+        )
+        evaluation = stage(
+            "evaluate",
+            k,
+            {"evaluate": section("evaluate"), "dtype": dtype},
+            {"prepare": data, "policy": policy, "previous": evaluation},
+        )
+    if evaluation is None:
+        get_run_logger().info("Evaluation was not run (not among the selected stages).")
         return None
-    metrics = str(Path(report) / "metrics.json")
-    print(f"Report: {Path(report) / 'report.md'}\nMetrics: {metrics}")
+    metrics = str(Path(evaluation) / "metrics.json")
+    get_run_logger().info(f"Report: {Path(evaluation) / 'report.md'}")
     return metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.full_cycle", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m flows.full_cycle", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--config", default="configs/default.yaml", help="YAML cycle config")
     p.add_argument("--rounds", type=int, help="override `rounds`")
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
@@ -130,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    fire_mpo(
+    metrics = fire_mpo(
         config=args.config,
         rounds=args.rounds,
         stages=args.stages,
@@ -138,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         run=args.run,
         refresh=args.refresh,
     )
+    if metrics:
+        print(f"\nReport:  {Path(metrics).parent / 'report.md'}\nMetrics: {metrics}")
     return 0
 
 

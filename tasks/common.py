@@ -51,6 +51,9 @@ class StageCall(BaseModel):
         default_factory=dict, description="Named finished input stage folders."
     )
     refresh: bool = Field(default=False, description="Recompute even if a finished output exists.")
+    threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads for this stage (None: default)."
+    )
 
     def key(self, code: str) -> str:
         return stage_key(self.stage, self.config, self.inputs, code)
@@ -100,6 +103,10 @@ def stage_task(
     code = code_version(*code_modules)
 
     def run(call: StageCall) -> str:
+        if call.threads:
+            import torch
+
+            torch.set_num_threads(call.threads)
         res = ArtifactStore(call.store).run_stage(
             run=call.run,
             round_=call.round,

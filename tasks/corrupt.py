@@ -68,8 +68,11 @@ def body(call: StageCall, w: StageWriter) -> dict:
         out.append(p.model_copy(update={"corrupted_image": f"images/{iid}.png"}))
     write_jsonl(w.path / DATA, out)
     export_hf_dataset(out, root, w.path / "hf_dataset", corrupt_root=w.path)
-    return {"pairs": len(out), "images": len(ok),
-            **{f"path_{k}": v for k, v in sorted(paths.items())}}
+    return {
+        "pairs": len(out),
+        "images": len(ok),
+        **{f"path_{k}": v for k, v in sorted(paths.items())},
+    }
 
 
 def _bgr(image):

@@ -1,6 +1,8 @@
-"""Stage `evaluate`: benchmark a policy on the test split; writes `metrics.json`.
+"""Stage `evaluate`: benchmark a policy on the test split; writes `metrics.json` and `report.md`.
 
-Inputs `prepare` (the dataset) and `policy` (any stage folder with a `policy.json`).
+Inputs `prepare` (the dataset), `policy` (any stage folder with a `policy.json`) and, from round
+1 on, `previous` (the last round's evaluation), whose `history.jsonl` is extended so the report
+tracks every round.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from fire_mpo_core.policy import read_policy
 from fire_mpo_core.store import StageWriter
 from tasks.common import StageCall, _artifact_key, stage_task
 
+HEADLINE = ("closed_accuracy", "open_exact_match", "open_recall", "report_token_f1")
+
 
 def body(call: StageCall, w: StageWriter) -> dict:
     cfg = EvaluateConfig.model_validate(call.config["evaluate"])
@@ -26,19 +30,30 @@ def body(call: StageCall, w: StageWriter) -> dict:
         dtype=call.config["dtype"],
         on_reject=w.reject,
     )
+    history = []
+    if "previous" in call.inputs:
+        history = [json.loads(x) for x in (call.inputs["previous"] / "history.jsonl").open()]
+    history.append({"round": call.round, **{k: metrics.get(k) for k in HEADLINE}})
+    (w.path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    rounds = "\n".join(
+        "| " + " | ".join(str(h.get(k)) for k in ("round", *HEADLINE)) + " |" for h in history
+    )
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(metrics.items()))
     report = (
         f"# FiRe-MPO evaluation: run `{call.run}`, round {call.round}\n\n"
         f"Split `{cfg.split}`; policy `{call.inputs['policy']}`.\n\n"
-        f"| metric | value |\n|---|---|\n{rows}\n"
+        f"## Across rounds (round 0 = SFT base)\n\n| round | {' | '.join(HEADLINE)} |\n"
+        f"|{'---|' * (len(HEADLINE) + 1)}\n{rounds}\n\n"
+        f"## All metrics, round {call.round}\n\n| metric | value |\n|---|---|\n{rows}\n"
     )
     (w.path / "report.md").write_text(report)
     create_markdown_artifact(
         report,
-        key=_artifact_key(f"{call.run}-evaluation-r{call.round}"),
-        description=json.dumps({k: metrics.get(k) for k in ("closed_accuracy", "open_recall")}),
+        key=_artifact_key(f"{call.run}-evaluation"),
+        description=f"Evaluation of round {call.round}",
     )
-    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 evaluate = stage_task(

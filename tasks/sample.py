@@ -28,14 +28,21 @@ def body(call: StageCall, w: StageWriter) -> dict:
         read_policy(policy_dir) if cfg.engine != "openai" else None,
         model_key=read_manifest(policy_dir)["key"],
     )
-    stats = sample_to_file(engine, items_from_records(records, root), w.path / DATA, on_reject=w.reject)
+    stats = sample_to_file(
+        engine, items_from_records(records, root), w.path / DATA, on_reject=w.reject
+    )
     return {"records_in": len(records), **asdict(stats)}
 
 
 sample = stage_task(
     "sample",
     body,
-    ["tasks.sample", "fire_mpo_core.sampling", "fire_mpo_core.models", "fire_mpo_core.openai_client"],
+    [
+        "tasks.sample",
+        "fire_mpo_core.sampling",
+        "fire_mpo_core.models",
+        "fire_mpo_core.openai_client",
+    ],
     retries=3,
     retry_delay_seconds=[5, 20, 60],
     tags=["compute"],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fire_mpo_core.data.records import Rollout
 from fire_mpo_core.store import (
     MANIFEST,
     ArtifactStore,
@@ -18,7 +19,6 @@ from fire_mpo_core.store import (
     read_manifest,
     stage_key,
 )
-from fire_mpo_core.data.records import Rollout
 
 
 def _write_one(text: str):
@@ -31,30 +31,46 @@ def _write_one(text: str):
 
 def test_run_stage_writes_manifest_and_caches(tmp_path):
     store = ArtifactStore(tmp_path)
-    res = store.run_stage(run="r", round_=0, stage="prepare", config={"a": 1}, inputs={},
-                          code="c1", fn=_write_one("x\n"))
+    res = store.run_stage(
+        run="r",
+        round_=0,
+        stage="prepare",
+        config={"a": 1},
+        inputs={},
+        code="c1",
+        fn=_write_one("x\n"),
+    )
     assert not res.cached and res.path.parent == tmp_path / "r" / "round-0" / "prepare"
     m = read_manifest(res.path)
     assert m["key"] == res.key and m["counts"] == {"records": 1, "rejects": 0}
     assert m["content_digest"] == digest_files(res.path)
     assert (res.path / "rejects.jsonl").read_text() == ""
     calls = []
-    again = store.run_stage(run="r", round_=0, stage="prepare", config={"a": 1}, inputs={},
-                            code="c1", fn=lambda w: calls.append(1))
+    again = store.run_stage(
+        run="r",
+        round_=0,
+        stage="prepare",
+        config={"a": 1},
+        inputs={},
+        code="c1",
+        fn=lambda w: calls.append(1),
+    )
     assert again.cached and again.path == res.path and calls == []
 
 
 def test_key_depends_on_config_code_and_input_content(tmp_path):
     store = ArtifactStore(tmp_path)
-    up = store.run_stage(run="r", round_=0, stage="prepare", config={}, inputs={}, code="c",
-                         fn=_write_one("a\n")).path
+    up = store.run_stage(
+        run="r", round_=0, stage="prepare", config={}, inputs={}, code="c", fn=_write_one("a\n")
+    ).path
     base = stage_key("sft", {"lr": 1}, {"prepare": up}, "c")
     assert stage_key("sft", {"lr": 1}, {"prepare": up}, "c") == base
     assert stage_key("sft", {"lr": 2}, {"prepare": up}, "c") != base
     assert stage_key("sft", {"lr": 1}, {"prepare": up}, "d") != base
     # A different upstream content (same config) changes the downstream key.
-    up2 = store.run_stage(run="r2", round_=0, stage="prepare", config={}, inputs={}, code="c",
-                          fn=_write_one("b\n")).path
+    up2 = store.run_stage(
+        run="r2", round_=0, stage="prepare", config={}, inputs={}, code="c", fn=_write_one("b\n")
+    ).path
     assert stage_key("sft", {"lr": 1}, {"prepare": up2}, "c") != base
 
 
@@ -74,8 +90,9 @@ def test_failure_leaves_nothing_and_rejects_are_kept(tmp_path):
         w.reject("rec-7", "missing image")
         return {}
 
-    res = store.run_stage(run="r", round_=1, stage="judge", config={}, inputs={}, code="c",
-                          fn=with_rejects)
+    res = store.run_stage(
+        run="r", round_=1, stage="judge", config={}, inputs={}, code="c", fn=with_rejects
+    )
     lines = [json.loads(x) for x in (res.path / "rejects.jsonl").read_text().splitlines()]
     assert lines == [{"id": "rec-7", "reason": "missing image"}]
     assert read_manifest(res.path)["counts"]["rejects"] == 1
@@ -83,13 +100,15 @@ def test_failure_leaves_nothing_and_rejects_are_kept(tmp_path):
 
 def test_folder_without_manifest_is_redone(tmp_path):
     store = ArtifactStore(tmp_path)
-    res = store.run_stage(run="r", round_=0, stage="prepare", config={}, inputs={}, code="c",
-                          fn=_write_one("good\n"))
+    res = store.run_stage(
+        run="r", round_=0, stage="prepare", config={}, inputs={}, code="c", fn=_write_one("good\n")
+    )
     (res.path / MANIFEST).unlink()
     (res.path / "data.jsonl").write_text("half-writ")
     assert not is_finished(res.path)
-    again = store.run_stage(run="r", round_=0, stage="prepare", config={}, inputs={}, code="c",
-                            fn=_write_one("good\n"))
+    again = store.run_stage(
+        run="r", round_=0, stage="prepare", config={}, inputs={}, code="c", fn=_write_one("good\n")
+    )
     assert not again.cached and (again.path / "data.jsonl").read_text() == "good\n"
 
 
@@ -107,8 +126,9 @@ def _concurrent_writer(root: str, tag: str, q) -> None:
         time.sleep(0.5)
         return {}
 
-    res = store.run_stage(run="r", round_=0, stage="prepare", config={}, inputs={}, code="c",
-                          fn=slow)
+    res = store.run_stage(
+        run="r", round_=0, stage="prepare", config={}, inputs={}, code="c", fn=slow
+    )
     q.put((str(res.path), res.cached))
 
 
@@ -132,8 +152,16 @@ def test_two_processes_same_key_produce_one_result(tmp_path):
 
 def test_read_jsonl_rejects_bad_lines(tmp_path):
     p = tmp_path / "data.jsonl"
-    good = {"id": "a#0", "record_id": "a", "sample_index": 0, "question": "q", "response": "r",
-            "engine": "hf", "model_key": "m", "seed": 0}
+    good = {
+        "id": "a#0",
+        "record_id": "a",
+        "sample_index": 0,
+        "question": "q",
+        "response": "r",
+        "engine": "hf",
+        "model_key": "m",
+        "seed": 0,
+    }
     p.write_bytes(
         (json.dumps(good) + "\n").encode()
         + b"{not json\n"
@@ -164,10 +192,19 @@ def test_resumable_stage_keeps_partial_work_across_a_crash(tmp_path):
         return {"rows": 4}
 
     with pytest.raises(RuntimeError):
-        store.run_stage(run="r", round_=1, stage="sample", config={}, inputs={}, code="c",
-                        fn=flaky, resumable=True)
-    res = store.run_stage(run="r", round_=1, stage="sample", config={}, inputs={}, code="c",
-                          fn=flaky, resumable=True)
+        store.run_stage(
+            run="r",
+            round_=1,
+            stage="sample",
+            config={},
+            inputs={},
+            code="c",
+            fn=flaky,
+            resumable=True,
+        )
+    res = store.run_stage(
+        run="r", round_=1, stage="sample", config={}, inputs={}, code="c", fn=flaky, resumable=True
+    )
     assert attempts == [0, 2]  # the second attempt found the two rows written before the crash
     assert (res.path / "data.jsonl").read_text().splitlines() == [f"row-{i}" for i in range(4)]
     assert not list(res.path.parent.glob(".partial-*"))

@@ -27,7 +27,9 @@ class Lesion(BaseModel):
     side: Literal["left", "right"] = Field(description="Patient side (image right = patient left).")
     vertical: Literal["upper", "lower"] = Field(description="Upper or lower half of the image.")
     quadrant: Quadrant = Field(description="'<vertical> <side>', in the patient's frame.")
-    intensity: Literal["hyperdense", "hypodense"] = Field(description="Brighter or darker than tissue.")
+    intensity: Literal["hyperdense", "hypodense"] = Field(
+        description="Brighter or darker than tissue."
+    )
     shape: Literal["round", "oval", "irregular"] = Field(description="Outline class.")
     mask: str = Field(description="Relative path of this lesion's own binary mask PNG.")
 
@@ -46,7 +48,7 @@ class VQARecord(BaseModel):
     answer: str = Field(min_length=1, description="Canonical short answer, in the model's style.")
     reference: str | None = Field(
         default=None,
-        description="The dataset's reference text in its own (different) style, for gt_style pairs.",
+        description="The dataset's reference text in its own (different) style (gt_style pairs).",
     )
     answer_type: AnswerType
     question_type: str = Field(description="presence, location, side, count, size, modality, ...")

@@ -48,8 +48,9 @@ report of the same facts.
 
 **Language prior (deliberate, train split only).** With strength ``p = language_prior`` (0.5 means
 none): a train scan has a lesion with probability ``p``, so presence questions are answered
-"yes" at rate ``p``; quadrant questions (:data:`PRIOR_CLOSED_TYPES`) are drawn to have the answer
-"yes" with probability ``p`` (other closed types stay 50/50, so the prior is partial); and the first lesion of a train scan is put in its modality's preferred quadrant
+"yes" at rate ``p``; quadrant questions (:data:`PRIOR_CLOSED_TYPES`) are drawn to have the
+answer "yes" with probability ``p`` (other closed types stay 50/50, so the prior is partial);
+and the first lesion of a train scan is put in its modality's preferred quadrant
 (:data:`PRIOR_QUADRANT`, e.g. upper left for CT) with probability ``(2p - 1) + (2 - 2p) / 4``
 (0.7 for ``p = 0.8``), else uniformly; a second lesion goes to a uniform other quadrant. A blind
 model therefore beats chance on train. Val and test

@@ -14,8 +14,18 @@ from collections import Counter
 
 _ARTICLES = {"a", "an", "the"}
 _NUMBERS = {
-    "zero": "0", "none": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "zero": "0",
+    "none": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 _YES_NO = re.compile(r"\b(yes|no)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation if c not in "-"})

@@ -69,8 +69,17 @@ def evaluate_policy(
     rows, by_type = [], defaultdict(lambda: defaultdict(list))
     for r, outs in zip(records, preds, strict=True):
         s = score(r.answer_type, outs[0], r.answer)
-        rows.append({"id": r.id, "answer_type": r.answer_type, "question_type": r.question_type,
-                     "question": r.question, "answer": r.answer, "prediction": outs[0], **s})
+        rows.append(
+            {
+                "id": r.id,
+                "answer_type": r.answer_type,
+                "question_type": r.question_type,
+                "question": r.question,
+                "answer": r.answer,
+                "prediction": outs[0],
+                **s,
+            }
+        )
         for k, v in s.items():
             by_type[r.answer_type][k].append(v)
             by_type[f"{r.answer_type}/{r.question_type}"][k].append(v)
@@ -86,10 +95,13 @@ def evaluate_policy(
         "n_report": len(by_type["report"]["f1"]),
         "samples_per_second": round(len(records) / max(seconds, 1e-9), 2),
     }
+    # Per question type, e.g. closed_presence_accuracy, open_location_exact.
     for name, vals in sorted(by_type.items()):
-        if "/" in name:
-            key = "correct" if name.startswith("closed") else "exact" if name.startswith("open") else "f1"
-            metrics[f"{name.replace('/', '_')}_{'accuracy' if key == 'correct' else key}"] = mean(vals[key])
+        kind, _, qtype = name.partition("/")
+        if qtype and kind == "closed":
+            metrics[f"closed_{qtype}_accuracy"] = mean(vals["correct"])
+        elif qtype and kind == "open":
+            metrics[f"open_{qtype}_exact"] = mean(vals["exact"])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "data.jsonl", rows)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -25,14 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 from fire_mpo_core.config import SFTConfig
 from fire_mpo_core.data.io import open_image
 from fire_mpo_core.data.records import VQARecord
-from fire_mpo_core.models import encode_batch, load_model, load_processor
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The subset of an `encode_batch` result that the model's forward takes."""
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+from fire_mpo_core.models import encode_batch, load_model, load_processor, model_inputs
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -105,9 +98,12 @@ def run_sft(
             sched.step()
             losses.append(loss.item())
             log.write(
-                json.dumps({"step": step + 1, "loss": round(losses[-1], 6),
-                            "lr": sched.get_last_lr()[0]}) + "\n"
+                json.dumps(
+                    {"step": step + 1, "loss": round(losses[-1], 6), "lr": sched.get_last_lr()[0]}
+                )
+                + "\n"
             )
+            log.flush()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     tail = losses[-max(1, len(losses) // 10) :]

@@ -1,0 +1,207 @@
+"""Typed configuration of the preference trainer and of the per-round reference log-prob pass.
+
+    from fire_mpo_core.training.config import TrainConfig, ReferenceConfig
+    cfg = TrainConfig(loss={"name": "fire_mpo"}, lora={"r": 128, "alpha": 256}, dtype="bfloat16")
+    ref_cfg = ReferenceConfig.for_training(cfg)   # same max_length / dtype / chunk size
+
+Defaults suit the embedded tiny model on CPU (LoRA r 16 on every linear layer of the language
+model, lr 5e-4). The paper's GPU setting is LoRA r 128, alpha 256, dropout 0.05 on the language
+model only (``lora.scope = "language_model"``, vision tower and projector frozen), lr 1e-6, cosine
+schedule, AdamW, 1 epoch, batch 8 pairs, bf16. Every model forbids unknown keys; settings that
+contradict each other fail with a message naming both fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fire_mpo_core.losses.config import LossConfig
+
+__all__ = ["LoRAConfig", "ReferenceConfig", "TrainConfig"]
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoRAConfig(_Cfg):
+    """The LoRA adapter trained on top of the frozen base policy (peft ``LoraConfig``)."""
+
+    r: int = Field(default=16, ge=1, description="LoRA rank (paper on 7B models: 128).")
+    alpha: float = Field(
+        default=32.0, gt=0, description="LoRA alpha; updates are scaled by alpha / r (paper: 256)."
+    )
+    dropout: float = Field(
+        default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input (paper: 0.05)."
+    )
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        default="all-linear",
+        description=(
+            "Layers that get an adapter: 'all-linear' (every nn.Linear but the output head) or a "
+            "list of module-name suffixes such as ['q_proj', 'k_proj', 'v_proj', 'o_proj']."
+        ),
+    )
+    scope: Literal["language_model", "all"] = Field(
+        default="language_model",
+        description=(
+            "'language_model': adapters only inside the language model; the vision tower and "
+            "the projector stay frozen and un-adapted (the paper's setting). 'all': wherever "
+            "target_modules match, vision side included."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _targets(self) -> LoRAConfig:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is an empty list; use 'all-linear' or name layers")
+        if (
+            self.scope == "language_model"
+            and isinstance(self.target_modules, list)
+            and "lm_head" in self.target_modules
+        ):
+            raise ValueError(
+                "target_modules lists 'lm_head' but scope='language_model' only adapts layers "
+                "inside the language model; drop 'lm_head' or set scope='all'"
+            )
+        return self
+
+
+class TrainConfig(_Cfg):
+    """The `train` stage: LoRA preference optimisation of the policy on minimal-edit pairs."""
+
+    loss: LossConfig = Field(
+        default_factory=LossConfig, description="Preference loss and its coefficients."
+    )
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="The trained LoRA adapter.")
+    lr: float = Field(
+        default=5e-4, gt=0, description="Peak AdamW learning rate (paper, 7B models: 1e-6)."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Share of the steps with linear warmup (then cosine)."
+    )
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the pairs (paper: 1).")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    batch_size: int = Field(
+        default=8, ge=1, description="Pairs per forward pass (each pair is 2 to 4 sequences)."
+    )
+    grad_accum: int = Field(
+        default=1, ge=1, description="Forward passes accumulated per optimizer step."
+    )
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Clip the global gradient norm to this; None: no clipping."
+    )
+    max_length: int = Field(
+        default=256,
+        ge=16,
+        description=(
+            "Max tokens per sequence; only the response is cut, never the prompt or its image "
+            "tokens. Must equal the reference artifact's max_length."
+        ),
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="Weights and autocast dtype: float32 on CPU, bfloat16 (mixed) on GPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute decoder activations in backward (large models)."
+    )
+    seed: int = Field(default=0, description="Seed of the LoRA init, the data order and dropout.")
+    save_every: int | None = Field(
+        default=50,
+        ge=1,
+        description="Write a resumable checkpoint every N optimizer steps; None: never.",
+    )
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="Keep only the newest N checkpoints on disk."
+    )
+    resume: bool = Field(
+        default=True,
+        description="Resume from the newest checkpoint under out_dir/checkpoints if one exists.",
+    )
+    logging_every: int = Field(
+        default=10, ge=1, description="Write metrics (JSONL + TensorBoard) every N steps."
+    )
+    chunk_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Fused path: response tokens per lm_head chunk; None uses loss.chunk_size. "
+            "Needs use_fused."
+        ),
+    )
+    use_fused: bool = Field(
+        default=False,
+        description=(
+            "Compute log-probs chunk by chunk from hidden states and the lm_head weight, never "
+            "materialising [B, T, V] logits (large vocabularies); else from full logits."
+        ),
+    )
+    use_reference_artifact: bool = Field(
+        default=True,
+        description=(
+            "Read the reference's log-prob sums from the per-round artifact and run the frozen "
+            "reference in-step only on the KL positions of (clean image, y+); else run the "
+            "reference on every branch in every step."
+        ),
+    )
+    merge_adapter: bool = Field(
+        default=False, description="Also save the base with the adapter merged in (out_dir/merged)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.chunk_size is not None and not self.use_fused:
+            raise ValueError(
+                f"chunk_size={self.chunk_size} only applies to the fused path, but "
+                "use_fused=False; set use_fused=True or leave chunk_size unset"
+            )
+        if (
+            self.save_every is not None
+            and self.max_steps is not None
+            and self.save_every > self.max_steps
+        ):
+            raise ValueError(
+                f"save_every={self.save_every} exceeds max_steps={self.max_steps}: no checkpoint "
+                "would ever be written; lower save_every or set it to None"
+            )
+        return self
+
+    @property
+    def effective_chunk_size(self) -> int:
+        """Chunk size of the fused path: ``chunk_size`` or ``loss.chunk_size``."""
+        return self.chunk_size if self.chunk_size is not None else self.loss.chunk_size
+
+
+class ReferenceConfig(_Cfg):
+    """The `reference` stage: frozen-reference log-prob sums per pair and branch, once a round."""
+
+    batch_size: int = Field(default=16, ge=1, description="Pairs per forward pass.")
+    max_length: int = Field(
+        default=256, ge=16, description="Max tokens per sequence; must match TrainConfig."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Dtype the reference model is loaded and run in."
+    )
+    chunk_size: int = Field(
+        default=256, ge=1, description="Response tokens per lm_head chunk (no [B, T, V] logits)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="'auto': cuda when available, else cpu."
+    )
+
+    @classmethod
+    def for_training(cls, train: TrainConfig, **overrides) -> ReferenceConfig:
+        """The reference config whose artifact ``train`` accepts (same max_length and dtype)."""
+        values = {
+            "max_length": train.max_length,
+            "dtype": train.dtype,
+            "chunk_size": train.effective_chunk_size,
+            "batch_size": train.batch_size,
+        }
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,74 @@
+"""Stage `train`: preference optimisation (FiRe-MPO by default) of a LoRA adapter.
+
+Inputs `prepare` (images), `corrupt` (pairs with v'), `reference` (per-round reference
+log-probs) and `policy` (round 1: the SFT base; round k: round k-1's adapter, trained further).
+Output `adapter/` (PEFT safetensors), `metrics.jsonl`, TensorBoard events, `policy.json`.
+The working folder is resumable: a retried or restarted run continues from its last
+checkpoint, never from step 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from fire_mpo_core.policy import PolicyRef, read_policy, write_policy
+from fire_mpo_core.store import StageWriter
+from fire_mpo_core.training.config import TrainConfig
+from fire_mpo_core.training.preference import train_preference
+from tasks.common import StageCall, stage_task
+
+
+def body(call: StageCall, w: StageWriter) -> dict:
+    cfg = TrainConfig.model_validate(call.config["train"])
+    policy = read_policy(call.inputs["policy"])
+    progress = create_progress_artifact(0.0, description=f"train, round {call.round}")
+
+    def on_step(step: int, total: int, metrics: dict) -> None:
+        update_progress_artifact(progress, 100.0 * step / max(1, total))
+
+    out = train_preference(
+        policy,
+        call.inputs["corrupt"],
+        call.inputs["prepare"],
+        call.inputs["corrupt"],
+        call.inputs["reference"],
+        cfg,
+        w.path,
+        on_step=on_step,
+    )
+    for r in out["rejects"]:
+        w.reject(r["id"], r["reason"])
+    adapter = Path(out["policy"]["adapter"])
+    # Paths relative to this stage folder (the working folder is renamed into place later).
+    write_policy(
+        w.path,
+        PolicyRef(
+            base=os.path.relpath(policy.base, w.path)
+            if Path(policy.base).exists()
+            else policy.base,
+            adapter=adapter.relative_to(w.path.resolve()).as_posix(),
+            trust_remote_code=policy.trust_remote_code,
+        ),
+    )
+    final = out.get("final_metrics") or {}
+    return {
+        "steps": out["steps"],
+        "pairs": out["pairs"],
+        "pairs_per_s": out["pairs_per_s"],
+        "resumed_from_step": out["resumed_from_step"],
+        **{k: v for k, v in final.items() if isinstance(v, int | float) and k != "step"},
+    }
+
+
+train = stage_task(
+    "train",
+    body,
+    ["tasks.train", "fire_mpo_core.training", "fire_mpo_core.losses", "fire_mpo_core.models"],
+    retries=2,
+    retry_delay_seconds=[10, 30],
+    tags=["compute"],
+    resumable=True,
+)

@@ -1,0 +1,118 @@
+"""The `fire-mpo` flow end to end on a small embedded default, under one Prefect test server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from fire_mpo_core.store import read_manifest
+from flows.full_cycle import fire_mpo, main
+
+SMALL = {
+    "run": "t",
+    "rounds": 1,
+    "num_threads": 1,
+    "data": {
+        "n_train_images": 24,
+        "n_val_images": 0,
+        "n_test_images": 8,
+        "questions_per_image": 2,
+        "report_fraction": 0.25,
+    },
+    "model": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16},
+    "sft": {"max_steps": 3, "batch_size": 8},
+    "sample": {"max_new_tokens": 8, "max_records": 24},
+    "train": {"max_steps": 2, "batch_size": 4, "save_every": None},
+    "evaluate": {"max_new_tokens": 8, "batch_size": 16},
+}
+ROUND_STAGES = ["sample", "judge", "corrupt", "reference", "train", "evaluate"]
+ALL_RUNS = sorted(["prepare-r0", "sft-r0", "evaluate-r0"] + [f"{s}-r1" for s in ROUND_STAGES])
+
+
+@pytest.fixture()
+def small_config(tmp_path: Path) -> Path:
+    p = tmp_path / "small.yaml"
+    p.write_text(yaml.safe_dump({**SMALL, "store": str(tmp_path / "store")}))
+    return p
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {r.name: r.state.name for r in runs}
+
+
+def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
+    state = fire_mpo(config=str(small_config), return_state=True)
+    assert state.is_completed()
+    metrics_path = Path(state.result())
+    metrics = json.loads(metrics_path.read_text())
+    assert 0.0 <= metrics["closed_accuracy"] <= 1.0 and metrics["n_closed"] > 0
+    assert metrics_path.parent.parent.name == "evaluate"
+    assert metrics_path.parent.parent.parent.name == "round-1"
+    history = (metrics_path.parent / "history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["round"] for h in history] == [0, 1]
+    first = _task_states(state.state_details.flow_run_id)
+    assert sorted(first) == ALL_RUNS
+    assert set(first.values()) == {"Completed"}
+    # Round 1 sampled from the SFT policy and trained on the corrupted pairs.
+    train_dir = Path(read_manifest(metrics_path.parent)["inputs"]["policy"]["path"])
+    train_inputs = read_manifest(train_dir)["inputs"]
+    assert set(train_inputs) == {"prepare", "corrupt", "reference", "policy"}
+    assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    again = fire_mpo(config=str(small_config), return_state=True)
+    assert Path(again.result()) == metrics_path
+    assert set(_task_states(again.state_details.flow_run_id).values()) == {"Cached"}
+
+    # Deleting one stage's output reruns it, and only it: its content is rebuilt identically, so
+    # the downstream keys are unchanged and stay cached.
+    judge_dir = Path(read_manifest(train_dir)["inputs"]["corrupt"]["path"])
+    judge_dir = Path(read_manifest(judge_dir)["inputs"]["judge"]["path"])
+    shutil.rmtree(judge_dir)
+    third = fire_mpo(config=str(small_config), return_state=True)
+    states = _task_states(third.state_details.flow_run_id)
+    assert {k for k, v in states.items() if v != "Cached"} == {"judge-r1"}
+    assert (judge_dir / "manifest.json").is_file()
+
+    # Editing one stage's config reruns that stage and those after it only.
+    cfg = yaml.safe_load(small_config.read_text())
+    cfg["train"]["lr"] = 1e-3
+    small_config.write_text(yaml.safe_dump(cfg))
+    fourth = fire_mpo(config=str(small_config), return_state=True)
+    states = _task_states(fourth.state_details.flow_run_id)
+    assert {k for k, v in states.items() if v != "Cached"} == {"train-r1", "evaluate-r1"}
+
+
+def test_stages_subset_and_missing_inputs(prefect_harness, small_config, tmp_path):
+    out = tmp_path / "only-eval"
+    with pytest.raises(RuntimeError, match="needs"):
+        fire_mpo(config=str(small_config), stages=["evaluate"], store=str(out))
+
+
+def test_cli_rejects_bad_config_and_stage_names(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  lr: -1\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "sft.lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(bad), "--stages", "prepare,polish"])
+
+
+def test_prepare_is_byte_identical_across_stores(prefect_harness, small_config, tmp_path):
+    digests = []
+    for name in ("A", "B"):
+        store = tmp_path / name
+        fire_mpo(config=str(small_config), stages=["prepare"], store=str(store))
+        (out,) = (store / "t" / "round-0" / "prepare").glob("[!.]*")
+        digests.append(read_manifest(out)["content_digest"])
+        assert (out / "model" / "model.safetensors").is_file()
+    assert digests[0] == digests[1]
