@@ -20,6 +20,7 @@ from typing import Any
 # A loaded 2-core machine can take longer than Prefect's default 20 s to start the temporary API.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-load bars drown the stage logs
 if os.environ.get("PREFECT_HOME"):  # Prefect creates only the last level; its DB then fails
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
