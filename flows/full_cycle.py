@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -53,22 +54,47 @@ TASKS: dict[str, Task[[StageCall], str]] = {
 
 
 class _Runner:
-    """Runs a stage task, or resolves its existing output when the stage is not selected."""
+    """Runs a stage task, or resolves its existing output when the stage is not selected.
 
-    def __init__(self, cfg: CycleConfig, refresh: bool):
+    `rounds` narrows the selection to those rounds (None: every round), so a single-stage rerun
+    (`flows/stage.py`) walks the same DAG but builds only one (stage, round). Every resolved or
+    built output is kept in `outputs`, keyed by (stage, round).
+    """
+
+    def __init__(
+        self,
+        cfg: CycleConfig,
+        refresh: bool,
+        rounds: Collection[int] | None = None,
+        hint: str = "add them to --stages",
+    ):
         self.cfg, self.refresh = cfg, refresh
         self.selected = set(cfg.stages or STAGES)
+        self.rounds = None if rounds is None else set(rounds)
+        self.hint = hint
+        self.outputs: dict[tuple[StageName, int], str | None] = {}
+
+    def is_selected(self, stage: StageName, round_: int) -> bool:
+        return stage in self.selected and (self.rounds is None or round_ in self.rounds)
 
     def __call__(
         self, stage: StageName, round_: int, config: dict[str, Any], inputs: dict[str, str | None]
     ) -> str | None:
         """The stage's output folder; None when it is neither selected nor already built."""
+        out = self._resolve(stage, round_, config, inputs)
+        self.outputs[(stage, round_)] = out
+        return out
+
+    def _resolve(
+        self, stage: StageName, round_: int, config: dict[str, Any], inputs: dict[str, str | None]
+    ) -> str | None:
+        selected = self.is_selected(stage, round_)
         missing = [name for name, path in inputs.items() if path is None]
         if missing:
-            if stage in self.selected:
+            if selected:
                 raise RuntimeError(
                     f"stage {stage!r} (round {round_}) needs {missing}, which are neither "
-                    "selected nor in the store for this config: add them to --stages"
+                    f"selected nor in the store for this config: {self.hint}"
                 )
             return None
         call = StageCall(
@@ -82,32 +108,34 @@ class _Runner:
             threads=self.cfg.num_threads,
         )
         task = TASKS[stage]
-        if stage in self.selected:
+        if selected:
             return bind(task, self.cfg.store)(call)
         out = call.output_dir(task.cache_policy.code)
         return str(out) if is_finished(out) else None
 
 
-@flow(name="fire-mpo")
-def fire_mpo(
-    config: str = "configs/default.yaml",
+def load_cycle_config(
+    config: str,
     rounds: int | None = None,
     stages: list[StageName] | None = None,
     store: str | None = None,
     run: str | None = None,
-    refresh: bool = False,
-) -> str | None:
-    """prepare -> sft -> evaluate, then per round k: sample (from round k-1's policy) -> judge
-    -> corrupt -> reference -> train -> evaluate. Returns the last metrics.json path."""
+) -> CycleConfig:
+    """The validated cycle config with the flow parameters that are set applied over the YAML;
+    the store path is made absolute (the worker's and the caller's working directories differ)."""
     overrides: dict[str, Any] = {}
     for key, value in (("rounds", rounds), ("stages", stages), ("store", store), ("run", run)):
         if value is not None:
             overrides[key] = value
     cfg = load_config(config, overrides)
     cfg.store = cfg.store.resolve()
-    stage = _Runner(cfg, refresh)
-    dtype = cfg.model.dtype
+    return cfg
 
+
+def run_cycle(cfg: CycleConfig, stage: _Runner) -> str | None:
+    """prepare -> sft -> evaluate, then per round k: sample (from round k-1's policy) -> judge
+    -> corrupt -> reference -> train -> evaluate. Returns the last evaluation folder, or None."""
+    dtype = cfg.model.dtype
     section = lambda name: getattr(cfg, name).model_dump(mode="json")  # noqa: E731
     # The reference pass depends only on what scoring needs (max_length, dtype...), not on lr.
     ref_cfg = ReferenceConfig.for_training(cfg.train).model_dump(mode="json")
@@ -151,12 +179,32 @@ def fire_mpo(
             {"evaluate": section("evaluate"), "dtype": dtype},
             {"prepare": data, "policy": policy, "previous": evaluation},
         )
+    return evaluation
+
+
+def report(evaluation: str | None) -> str | None:
+    """Log where the report is; the metrics.json path of an evaluation folder (None: none)."""
     if evaluation is None:
         get_run_logger().info("Evaluation was not run (not among the selected stages).")
         return None
     metrics = str(Path(evaluation) / "metrics.json")
     get_run_logger().info(f"Report: {Path(evaluation) / 'report.md'}")
     return metrics
+
+
+@flow(name="fire-mpo")
+def fire_mpo(
+    config: str = "configs/default.yaml",
+    rounds: int | None = None,
+    stages: list[StageName] | None = None,
+    store: str | None = None,
+    run: str | None = None,
+    refresh: bool = False,
+) -> str | None:
+    """prepare -> sft -> evaluate, then per round k: sample (from round k-1's policy) -> judge
+    -> corrupt -> reference -> train -> evaluate. Returns the last metrics.json path."""
+    cfg = load_cycle_config(config, rounds, stages, store, run)
+    return report(run_cycle(cfg, _Runner(cfg, refresh)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

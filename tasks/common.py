@@ -142,9 +142,11 @@ def bind(t: Task[[StageCall], str], store: Path) -> Task[[StageCall], str]:
     cache_dir = Path(store).resolve() / CACHE_DIR
     policy = t.cache_policy
     assert isinstance(policy, StageCachePolicy)
+    # Separate folders: with one, a record's metadata (named by the cache key) and its result
+    # (named by the storage key, which Prefect also derives from the cache key) collide.
     return t.with_options(
-        cache_policy=policy.configure(key_storage=cache_dir),
-        result_storage=cache_dir,
+        cache_policy=policy.configure(key_storage=cache_dir / "keys"),
+        result_storage=cache_dir / "results",
     )
 
 

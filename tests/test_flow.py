@@ -26,7 +26,8 @@ SMALL = {
         "report_fraction": 0.25,
     },
     "model": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16},
-    "sft": {"max_steps": 3, "batch_size": 8},
+    # Enough SFT for the answer format (not the image): the judge needs answers to edit.
+    "sft": {"max_steps": 60, "batch_size": 8, "lr": 3e-3, "include_reports": False},
     "sample": {"max_new_tokens": 8, "max_records": 24},
     "train": {"max_steps": 2, "batch_size": 4, "save_every": None},
     "evaluate": {"max_new_tokens": 8, "batch_size": 16},

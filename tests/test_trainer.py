@@ -397,7 +397,11 @@ def test_training_lowers_loss_and_writes_outputs(world, tmp_path):
     # LoRA B starts at zero: policy == reference, all rewards 0, no KL, every pair has v'.
     # loss = -log sig(0) + gamma * (-log sig(0)) + alpha * 0 = (1 + gamma) log 2.
     assert first["loss"] == pytest.approx((1 + 0.1) * LOG2, abs=1e-4)
-    assert first["rewards/accuracy"] == 0.0 and first["kl/forward"] == pytest.approx(0, abs=1e-6)
+    # LoRA starts at zero: policy == reference, so every reward margin is 0 up to float noise
+    # (the reference artifact was scored in other batches; the sign of a 1e-9 margin is noise,
+    # so reward *accuracy* at step 1 is not meaningful, the margin is).
+    assert first["rewards/margin"] == pytest.approx(0, abs=1e-5)
+    assert first["kl/forward"] == pytest.approx(0, abs=1e-6)
     assert last["loss"] < first["loss"] - 0.05
     assert last["rewards/accuracy"] >= 0.75 and last["rewards/margin"] > 0
     for key in (
