@@ -16,9 +16,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 # pip prints one harmless warning per package for the machine's empty local index mirrors.
-PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
+# Braced so that, under pipefail, a failing pip still fails the target (grep -v alone exits 1
+# when it filters every line).
+PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install run test test-all lint format bench clean
+.PHONY: help install run test test-all lint format bench clean serve stop
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +48,12 @@ lint: install ## ruff check + format check
 format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+serve: install ## start a Prefect server on 127.0.0.1, register the deployments, start a worker
+	bash scripts/serve.sh
+
+stop: ## stop what `make serve` started: the worker, then the server
+	bash scripts/stop.sh
 
 clean: ## remove the store, Prefect home and caches (keeps .venv)
 	rm -rf store .prefect .pytest_cache .ruff_cache
