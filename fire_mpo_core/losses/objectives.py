@@ -22,24 +22,29 @@ from fire_mpo_core.losses.base import KLPositions, LossOutput, PreferenceLogps, 
 from fire_mpo_core.losses.config import LossConfig, VisualDirection
 
 
+def _ranking_only(loss: PreferenceLoss, x: PreferenceLogps, chosen, rejected) -> LossOutput:
+    """-log sig(chosen - rejected) with no visual or KL term (DPO and MASK-DPO)."""
+    margins = chosen - rejected
+    zeros = torch.zeros_like(margins)
+    return LossOutput(
+        loss=-F.logsigmoid(margins),
+        chosen_rewards=chosen,
+        rejected_rewards=rejected,
+        margins=margins,
+        visual_margin=zeros,
+        visual_active=torch.zeros_like(x.has_corrupted, dtype=torch.bool),
+        kl_forward=zeros,
+        kl_reverse=zeros,
+        nll=loss._nll(x),
+    )
+
+
 class DPOLoss(PreferenceLoss):
     """DPO: loss = -log sig( r(v,y+) - r(v,y-) ), rewards over every response token."""
 
     def terms(self, x: PreferenceLogps) -> LossOutput:
-        chosen = x.clean_chosen.reward(self.beta)
-        rejected = x.clean_rejected.reward(self.beta)
-        margins = chosen - rejected
-        zeros = torch.zeros_like(margins)
-        return LossOutput(
-            loss=-F.logsigmoid(margins),
-            chosen_rewards=chosen,
-            rejected_rewards=rejected,
-            margins=margins,
-            visual_margin=zeros,
-            visual_active=torch.zeros_like(x.has_corrupted, dtype=torch.bool),
-            kl_forward=zeros,
-            kl_reverse=zeros,
-            nll=self._nll(x),
+        return _ranking_only(
+            self, x, x.clean_chosen.reward(self.beta), x.clean_rejected.reward(self.beta)
         )
 
 
@@ -47,20 +52,8 @@ class MaskDPOLoss(PreferenceLoss):
     """MASK-DPO: loss = -log sig( r_M(v,y+) - r_M(v,y-) ), rewards over the marked spans only."""
 
     def terms(self, x: PreferenceLogps) -> LossOutput:
-        chosen = x.clean_chosen.span_reward(self.beta)
-        rejected = x.clean_rejected.span_reward(self.beta)
-        margins = chosen - rejected
-        zeros = torch.zeros_like(margins)
-        return LossOutput(
-            loss=-F.logsigmoid(margins),
-            chosen_rewards=chosen,
-            rejected_rewards=rejected,
-            margins=margins,
-            visual_margin=zeros,
-            visual_active=torch.zeros_like(x.has_corrupted, dtype=torch.bool),
-            kl_forward=zeros,
-            kl_reverse=zeros,
-            nll=self._nll(x),
+        return _ranking_only(
+            self, x, x.clean_chosen.span_reward(self.beta), x.clean_rejected.span_reward(self.beta)
         )
 
 
