@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 # A loaded 2-core machine can take longer than Prefect's default 20 s to start the temporary API.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -27,6 +27,7 @@ if os.environ.get("PREFECT_HOME"):  # Prefect creates only the last level; its D
 
 from prefect import flow, get_run_logger
 from prefect.tasks import Task
+from pydantic import Field
 
 from fire_mpo_core.config import STAGES, CycleConfig, StageName, load_config
 from fire_mpo_core.store import is_finished
@@ -116,7 +117,7 @@ class _Runner:
 
 def load_cycle_config(
     config: str,
-    rounds: int | None = None,
+    rounds: Annotated[int, Field(ge=0)] | None = None,
     stages: list[StageName] | None = None,
     store: str | None = None,
     run: str | None = None,
@@ -195,7 +196,7 @@ def report(evaluation: str | None) -> str | None:
 @flow(name="fire-mpo")
 def fire_mpo(
     config: str = "configs/default.yaml",
-    rounds: int | None = None,
+    rounds: Annotated[int, Field(ge=0)] | None = None,
     stages: list[StageName] | None = None,
     store: str | None = None,
     run: str | None = None,

@@ -35,16 +35,21 @@ def first_round(stage: StageName) -> int:
     return 0 if stage in SETUP_STAGES or stage == "evaluate" else 1
 
 
+def check_round(stage: StageName, round_: int) -> None:
+    """Raise ValueError unless `stage` exists in round `round_`."""
+    if stage in SETUP_STAGES and round_ != 0:
+        raise ValueError(f"stage {stage!r} runs once per cycle, in round 0 (got round {round_})")
+    if round_ < first_round(stage):
+        raise ValueError(f"stage {stage!r} runs in rounds >= {first_round(stage)} (got {round_})")
+
+
 def target_round(stage: StageName, round_: int | None, store: ArtifactStore, run: str) -> int:
     """The round to rerun: `round_` if given (checked), else the latest one with a finished
     output of `stage` in the store, else the stage's first round."""
     if round_ is None:
         latest = store.latest_round(run, stage)
         return first_round(stage) if latest is None else latest
-    if stage in SETUP_STAGES and round_ != 0:
-        raise ValueError(f"stage {stage!r} runs once per cycle, in round 0 (got round {round_})")
-    if round_ < first_round(stage):
-        raise ValueError(f"stage {stage!r} runs in rounds >= 1 (got round {round_})")
+    check_round(stage, round_)
     return round_
 
 
@@ -96,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="override the run name")
     p.add_argument("--refresh", action="store_true", help="recompute even if cached")
     args = p.parse_args(argv)
-    try:
-        load_config(args.config)  # fail fast, before any Prefect machinery starts
+    try:  # fail fast, before any Prefect machinery starts
+        load_config(args.config)
+        if args.round is not None:
+            check_round(args.stage, args.round)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2

@@ -117,3 +117,12 @@ def test_prepare_is_byte_identical_across_stores(prefect_harness, small_config, 
         digests.append(read_manifest(out)["content_digest"])
         assert (out / "model" / "model.safetensors").is_file()
     assert digests[0] == digests[1]
+
+
+def test_flow_parameters_are_validated(prefect_harness, small_config):
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError, match="rounds"):
+        fire_mpo(config=str(small_config), rounds=-1)
+    with pytest.raises(ParameterTypeError, match="stages"):
+        fire_mpo(config=str(small_config), stages=["polish"])

@@ -93,7 +93,6 @@ def evaluate_policy(
         "n_closed": len(by_type["closed"]["correct"]),
         "n_open": len(by_type["open"]["exact"]),
         "n_report": len(by_type["report"]["f1"]),
-        "samples_per_second": round(len(records) / max(seconds, 1e-9), 2),
     }
     # Per question type, e.g. closed_presence_accuracy, open_location_exact.
     for name, vals in sorted(by_type.items()):
@@ -105,4 +104,6 @@ def evaluate_policy(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "data.jsonl", rows)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return metrics
+    # Timing stays out of metrics.json: the stage's content (and so every downstream key) must
+    # not change when an evaluation is recomputed. The caller puts it in the manifest.
+    return {**metrics, "samples_per_second": round(len(records) / max(seconds, 1e-9), 2)}

@@ -1,0 +1,1 @@
+"""Prefect deployments of the FiRe-MPO flows: `python -m deployments.register` (see README.md)."""

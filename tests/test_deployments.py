@@ -1,0 +1,325 @@
+"""The deployments users run (`fire-mpo/<name>`), the single-stage and next-round flows, and
+`make serve` / `make stop` end to end (slow).
+
+The fast tests register against the session's Prefect test server; the slow one starts its own
+server with `make serve` on a free port and a private PREFECT_HOME, and drives it with the
+`prefect` CLI exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+from prefect.exceptions import PrefectHTTPStatusError
+from prefect.flows import load_flow_from_entrypoint
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.utilities.callables import parameter_schema
+
+from deployments.register import GPU_POOL, GPU_REPO_ENV, NEXT_ROUND_SLUG, POOL, REPO, register
+from fire_mpo_core.config import STAGES
+from fire_mpo_core.store import ArtifactStore
+from flows.full_cycle import fire_mpo, parse_args
+from flows.next_round import main as next_round_main
+from flows.next_round import next_round, rounds_done
+from flows.stage import main as stage_main
+from flows.stage import rerun_stage, target_round
+from tests.test_flow import ALL_RUNS, ROUND_STAGES, SMALL
+
+EXPECTED = {
+    "fire-mpo/full-cycle",
+    *(f"fire-mpo/stage-{s}" for s in STAGES),
+    "fire-mpo/next-round",
+    "fire-mpo/full-cycle-gpu",
+}
+
+
+@pytest.fixture(scope="module")
+def registered(prefect_harness) -> dict:
+    ids = register()
+    assert set(ids) == EXPECTED
+    return ids
+
+
+def _read(name: str):
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {r.name: r.state.name for r in runs}
+
+
+def _refused(deployment: str, parameters: dict) -> str:
+    """The API's reason for refusing a run of `deployment` with `parameters`."""
+    dep = _read(deployment)
+    with get_client(sync_client=True) as client, pytest.raises(PrefectHTTPStatusError) as err:
+        client.create_flow_run_from_deployment(dep.id, parameters=parameters)
+    assert err.value.response.status_code == 409
+    return err.value.response.json()["detail"]
+
+
+def test_deployments_have_the_names_users_run(registered):
+    for name in EXPECTED:
+        dep = _read(name)
+        assert dep.id == registered[name]
+        flow = load_flow_from_entrypoint(dep.entrypoint)  # what the worker imports
+        assert flow.name == "fire-mpo", name
+        if name.endswith("-gpu"):
+            assert dep.work_pool_name == GPU_POOL
+            step = {"directory": f"{{{{ ${GPU_REPO_ENV} }}}}"}
+        else:
+            assert dep.work_pool_name == POOL
+            assert dep.job_variables == {"working_dir": str(REPO)}
+            step = {"directory": str(REPO)}
+        assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": step}]
+
+    # full-cycle's parameters mirror the CLI's options, with the flow's own schema.
+    full = _read("fire-mpo/full-cycle")
+    cli = set(vars(parse_args(["--config", "x.yaml"])))
+    assert set(full.parameter_openapi_schema["properties"]) == cli
+    assert full.parameter_openapi_schema == parameter_schema(fire_mpo).model_dump(
+        exclude_unset=True
+    )
+    assert full.parameters == {}
+
+    # stage-<name> fixes its stage: shown read-only, the only value the API accepts.
+    for stage in STAGES:
+        dep = _read(f"fire-mpo/stage-{stage}")
+        assert dep.parameters == {"stage": stage}
+        prop = dep.parameter_openapi_schema["properties"]["stage"]
+        assert prop["readOnly"] is True and prop["enum"] == [stage]
+
+
+def test_registering_again_updates_in_place(registered):
+    again = register(only=["full-cycle", "stage-evaluate"])
+    assert again == {k: registered[k] for k in ("fire-mpo/full-cycle", "fire-mpo/stage-evaluate")}
+    with get_client(sync_client=True) as client:
+        deps = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["fire-mpo"]))
+        )
+    assert sorted(f"fire-mpo/{d.name}" for d in deps) == sorted(EXPECTED)
+    with pytest.raises(ValueError, match="stage-polish"):
+        register(only=["stage-polish"])
+
+
+def test_bad_parameters_are_refused_by_the_api(registered):
+    detail = _refused("fire-mpo/full-cycle", {"stages": ["polish"]})
+    assert "stages[0]" in detail and "'polish' is not one of" in detail
+    assert "'evaluate'" in detail  # the message lists the valid names
+    assert "rounds" in _refused("fire-mpo/full-cycle", {"rounds": "two"})
+    assert "'train' is not one of ['evaluate']" in _refused(
+        "fire-mpo/stage-evaluate", {"stage": "train"}
+    )
+    assert "minimum of 0" in _refused("fire-mpo/stage-evaluate", {"round": -1})
+    assert "run" in _refused("fire-mpo/next-round", {"run": "a/b"})
+
+    # Valid values pass; the runs stay Scheduled (no worker here) and are removed again.
+    full = _read("fire-mpo/full-cycle")
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            full.id, parameters={"stages": ["evaluate"], "rounds": 2}
+        )
+        assert run.parameters == {"stages": ["evaluate"], "rounds": 2}
+        client.delete_flow_run(run.id)
+
+
+def test_next_round_schedule_is_declared_inactive_and_user_changes_survive(registered):
+    dep = _read("fire-mpo/next-round")
+    (sched,) = dep.schedules
+    assert sched.slug == NEXT_ROUND_SLUG and sched.active is False
+    assert isinstance(sched.schedule, CronSchedule) and sched.schedule.timezone == "UTC"
+    assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
+    assert not _read("fire-mpo/full-cycle").schedules
+
+    # A user switches the schedule on and adds one of their own to full-cycle...
+    full = _read("fire-mpo/full-cycle")
+    with get_client(sync_client=True) as client:
+        client.update_deployment_schedule(dep.id, sched.id, active=True)
+        client.create_deployment_schedules(
+            full.id, [(IntervalSchedule(interval=datetime.timedelta(hours=6)), False)]
+        )
+    # ...and `make serve` registers again: both are kept.
+    try:
+        register(only=["full-cycle", "next-round"])
+        assert [s.active for s in _read("fire-mpo/next-round").schedules] == [True]
+        (kept,) = _read("fire-mpo/full-cycle").schedules
+        assert kept.schedule.interval == datetime.timedelta(hours=6) and kept.active is False
+    finally:
+        with get_client(sync_client=True) as client:
+            client.update_deployment_schedule(dep.id, sched.id, active=False)
+            for s in _read("fire-mpo/full-cycle").schedules:
+                client.delete_deployment_schedule(full.id, s.id)
+
+
+def _finished(store: ArtifactStore, run: str, round_: int, stage: str) -> None:
+    """A finished (empty) stage output, as a stage task would leave it."""
+    store.run_stage(
+        run=run, round_=round_, stage=stage, config={}, inputs={}, code="c", fn=lambda w: {}
+    )
+
+
+def test_target_round_and_rounds_done(tmp_path):
+    store = ArtifactStore(tmp_path)
+    # Nothing built: a stage's first round (evaluate exists from round 0, the SFT base).
+    assert [target_round(s, None, store, "r") for s in STAGES] == [0, 0, 1, 1, 1, 1, 1, 0]
+    assert rounds_done(tmp_path, "r") == 0
+    for k in (1, 2):
+        for stage in ("train", "evaluate"):
+            _finished(store, "r", k, stage)
+    _finished(store, "r", 3, "sample")  # round 3 started, not trained
+    assert target_round("evaluate", None, store, "r") == 2
+    assert target_round("sample", None, store, "r") == 3
+    assert target_round("evaluate", 0, store, "r") == 0
+    assert rounds_done(tmp_path, "r") == 2
+    with pytest.raises(ValueError, match="round 0"):
+        target_round("sft", 2, store, "r")
+    with pytest.raises(ValueError, match=">= 1"):
+        target_round("train", 0, store, "r")
+    with pytest.raises(ValueError, match=">= 0"):
+        target_round("evaluate", -1, store, "r")
+
+
+def test_clis_fail_fast_on_bad_input(tmp_path, capsys):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    assert stage_main(["--stage", "sft", "--round", "1", "--config", str(cfg)]) == 2
+    assert "round 0" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n")
+    assert stage_main(["--stage", "train", "--config", str(bad)]) == 2
+    assert next_round_main(["--config", str(bad)]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stage_main(["--stage", "polish"])
+
+
+def test_stage_and_next_round_flows(prefect_harness, tmp_path):
+    """In process: rerun one stage of one round, then continue the run by one round."""
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump({**SMALL, "store": str(tmp_path / "store")}))
+    first = fire_mpo(config=str(cfg), return_state=True)
+    assert first.is_completed()
+
+    # Default round: the latest evaluated one (1); cached, and the only task of the run.
+    state = rerun_stage(stage="evaluate", config=str(cfg), return_state=True)
+    assert _task_states(state.state_details.flow_run_id) == {"evaluate-r1": "Cached"}
+    assert Path(state.result()) == Path(first.result()).parent
+    # An explicit round: only that task.
+    state = rerun_stage(stage="evaluate", round=0, config=str(cfg), return_state=True)
+    assert _task_states(state.state_details.flow_run_id) == {"evaluate-r0": "Cached"}
+    # Forced: recomputed. (Round 1, the last: evaluate's metrics.json holds a throughput, so a
+    # recomputed evaluation has a new content digest and would re-key the next round's.)
+    state = rerun_stage(stage="evaluate", round=1, config=str(cfg), refresh=True, return_state=True)
+    assert _task_states(state.state_details.flow_run_id) == {"evaluate-r1": "Completed"}
+    # A stage whose inputs are missing for that round is a clear error.
+    with pytest.raises(RuntimeError, match="needs"):
+        rerun_stage(stage="judge", round=2, config=str(cfg))
+
+    state = next_round(config=str(cfg), return_state=True)
+    states = _task_states(state.state_details.flow_run_id)
+    assert {k for k, v in states.items() if v == "Cached"} == set(ALL_RUNS)
+    assert {k for k, v in states.items() if v == "Completed"} == {f"{s}-r2" for s in ROUND_STAGES}
+    assert Path(state.result()).parent.parent.parent.name == "round-2"
+    assert rounds_done(tmp_path / "store", SMALL["run"]) == 2
+
+
+# ------------------------------------------------------------------ make serve, end to end
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sh(args: list[str], env: dict, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return out, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_make_serve_runs_deployments_then_stops(tmp_path):
+    port = _free_port()
+    home = tmp_path / "prefect-home"
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        BIN=str(bin_dir),
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump({**SMALL, "store": str(tmp_path / "store")}))
+    run_env = {**env, "PREFECT_API_URL": api}
+    deploy_run = [str(bin_dir / "prefect"), "deployment", "run"]
+    timings: dict[str, float] = {}
+
+    def run(name: str, *params: str, label: str) -> str:
+        args = [*deploy_run, name, "--watch", "-p", f"config={cfg}"]
+        for p in params:
+            args += ["-p", p]
+        out, timings[label] = _sh(args, run_env, 900)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "Flow run finished successfully in 'Completed'" in out.stdout
+        return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+
+    # The Makefile's own install step is not what is tested here (and may need the network).
+    make = ["make", "-o", ".venv/.installed"]
+    pids: dict[str, int] = {}
+    try:
+        out, timings["make serve"] = _sh([*make, "serve"], env, 600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"Dashboard:  http://127.0.0.1:{port}" in out.stdout
+        assert f"export PREFECT_API_URL={api}" in (home / "serve.env").read_text()
+        assert "make stop" in out.stdout
+        pids = {n: int((home / f"{n}.pid").read_text()) for n in ("server", "worker")}
+
+        first = run("fire-mpo/full-cycle", label="full-cycle, first run")
+        again = run("fire-mpo/full-cycle", label="full-cycle, cached rerun")
+        evaluate = run("fire-mpo/stage-evaluate", "refresh=true", label="stage-evaluate, forced")
+        with temporary_settings({PREFECT_API_URL: api}):
+            assert _task_states(first) == dict.fromkeys(ALL_RUNS, "Completed")
+            assert _task_states(again) == dict.fromkeys(ALL_RUNS, "Cached")
+            assert _task_states(evaluate) == {"evaluate-r1": "Completed"}
+
+        bad, _ = _sh([*deploy_run, "fire-mpo/full-cycle", "-p", 'stages=["polish"]'], run_env, 120)
+        assert bad.returncode != 0 and "'polish' is not one of" in bad.stdout
+    finally:
+        stopped, timings["make stop"] = _sh([*make, "stop"], env, 120)
+    print("\ntimings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not list(home.glob("*.pid")) and not (home / "serve.env").exists()
+    for name, pid in pids.items():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone
+        assert f"Stopping the {name}" in stopped.stdout
+    # Stopping twice is harmless.
+    out, _ = _sh([*make, "stop"], env, 60)
+    assert out.returncode == 0 and "No worker to stop" in out.stdout
