@@ -24,8 +24,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
-    FlowRunFilter,
-    FlowRunFilterId,
 )
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.exceptions import PrefectHTTPStatusError
@@ -41,6 +39,7 @@ from flows.next_round import main as next_round_main
 from flows.next_round import next_round, rounds_done
 from flows.stage import main as stage_main
 from flows.stage import rerun_stage, target_round
+from tests.conftest import task_states
 from tests.test_flow import ALL_RUNS, ROUND_STAGES, SMALL
 
 EXPECTED = {
@@ -64,11 +63,7 @@ def _read(name: str):
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {r.name: r.state.name for r in runs}
+    return task_states(flow_run_id)
 
 
 def _refused(deployment: str, parameters: dict) -> str:
@@ -240,7 +235,9 @@ def test_stage_and_next_round_flows(prefect_harness, tmp_path):
     state = next_round(config=str(cfg), return_state=True)
     states = _task_states(state.state_details.flow_run_id)
     assert {k for k, v in states.items() if v == "Cached"} == set(ALL_RUNS)
-    assert {k for k, v in states.items() if v == "Completed"} == {f"{s}-r2" for s in ROUND_STAGES}
+    assert {k for k, v in states.items() if v == "Completed"} == {
+        f"{s}-r2" for s in ROUND_STAGES
+    }, states
     assert Path(state.result()).parent.parent.parent.name == "round-2"
     assert rounds_done(tmp_path / "store", SMALL["run"]) == 2
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from fire_mpo_core.store import read_manifest
 from flows.full_cycle import fire_mpo, main
+from tests.conftest import task_states
 
 SMALL = {
     "run": "t",
@@ -44,11 +43,7 @@ def small_config(tmp_path: Path) -> Path:
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {r.name: r.state.name for r in runs}
+    return task_states(flow_run_id)
 
 
 def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
