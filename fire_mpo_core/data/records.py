@@ -102,3 +102,29 @@ class PreferencePair(BaseModel):
     )
     style: Literal["on_policy", "gt_style", "style_agnostic"] = "on_policy"
     corrupted_image: str | None = None
+
+    @classmethod
+    def for_record(
+        cls,
+        record: VQARecord,
+        rollout_id: str,
+        chosen: tuple[str, list[Span]],
+        rejected: tuple[str, list[Span]],
+        verdict: Literal["correct", "incorrect"],
+        style: Literal["on_policy", "gt_style", "style_agnostic"] = "on_policy",
+    ) -> PreferencePair:
+        """A pair for `record` (image, mask, question copied) from (text, spans) of each side."""
+        return cls(
+            id=rollout_id,
+            record_id=record.id,
+            image=record.image,
+            mask=record.mask,
+            question=record.question,
+            answer_type=record.answer_type,
+            chosen=chosen[0],
+            rejected=rejected[0],
+            chosen_spans=chosen[1],
+            rejected_spans=rejected[1],
+            verdict=verdict,
+            style=style,
+        )

@@ -409,20 +409,7 @@ class LLMJudge:
             chosen, rejected, cs, rs = edited, response, spans_edit, spans_resp
         else:  # y+ = the sample, y- = its counterfactual
             chosen, rejected, cs, rs = response, edited, spans_resp, spans_edit
-        pair = PreferencePair(
-            id=rollout.id,
-            record_id=record.id,
-            image=record.image,
-            mask=record.mask,
-            question=record.question,
-            answer_type=record.answer_type,
-            chosen=chosen,
-            rejected=rejected,
-            chosen_spans=cs,
-            rejected_spans=rs,
-            verdict=verdict,
-            style="on_policy",
-        )
+        pair = PreferencePair.for_record(record, rollout.id, (chosen, cs), (rejected, rs), verdict)
         why = validate_pair(pair, response, self.config)
         if why:
             code = "not_minimal" if why.startswith("not minimal") else "invalid_pair"

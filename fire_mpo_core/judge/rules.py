@@ -217,19 +217,8 @@ class RulesJudge:
                 chosen, rejected, cs, rs = gt, new, old_spans, new_spans
         else:
             chosen, rejected, cs, rs = self._style_agnostic(record, a, rng)
-        return PreferencePair(
-            id=rollout.id,
-            record_id=record.id,
-            image=record.image,
-            mask=record.mask,
-            question=record.question,
-            answer_type=record.answer_type,
-            chosen=chosen,
-            rejected=rejected,
-            chosen_spans=cs,
-            rejected_spans=rs,
-            verdict=verdict,
-            style=style,
+        return PreferencePair.for_record(
+            record, rollout.id, (chosen, cs), (rejected, rs), verdict, style
         )
 
     def _analyse_own(
