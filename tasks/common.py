@@ -162,12 +162,12 @@ def publish_summary(call: StageCall, res: StageResult) -> None:
     ]
     create_table_artifact(
         rows,
-        key=_artifact_key(f"{call.run}-r{call.round}-{call.stage}"),
+        key=artifact_key(f"{call.run}-r{call.round}-{call.stage}"),
         description=f"Stage `{call.stage}` of run `{call.run}`, round {call.round}",
     )
 
 
-def _artifact_key(text: str) -> str:
+def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     out = "".join(c if c.isalnum() else "-" for c in text.lower())
     return "-".join(filter(None, out.split("-")))

@@ -15,7 +15,7 @@ from fire_mpo_core.config import EvaluateConfig
 from fire_mpo_core.evaluation.vqa import evaluate_policy
 from fire_mpo_core.policy import read_policy
 from fire_mpo_core.store import StageWriter
-from tasks.common import StageCall, _artifact_key, stage_task
+from tasks.common import StageCall, artifact_key, stage_task
 
 HEADLINE = ("closed_accuracy", "open_exact_match", "open_recall", "report_token_f1")
 
@@ -50,7 +50,7 @@ def body(call: StageCall, w: StageWriter) -> dict:
     (w.path / "report.md").write_text(report)
     create_markdown_artifact(
         report,
-        key=_artifact_key(f"{call.run}-evaluation"),
+        key=artifact_key(f"{call.run}-evaluation"),
         description=f"Evaluation of round {call.round}",
     )
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
