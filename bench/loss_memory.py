@@ -147,10 +147,11 @@ def _worker(args) -> dict:
             loss.mean().backward()
             return loss
 
-    times, cpu_times = [], []
+    times, cpu_times, loads = [], [], []
     for _ in range(args.repeats):
         for p in params:
             p.grad = None
+        loads.append(os.getloadavg()[0])
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = step()
         times.append(time.perf_counter() - start)
@@ -163,6 +164,7 @@ def _worker(args) -> dict:
         "peak_reset": peak_reset,
         "times_s": times,
         "cpu_times_s": cpu_times,
+        "load_1min": loads,
         "loss": loss.detach().double().tolist(),
         "grad_norms": [p.grad.double().norm().item() for p in params],
     }
@@ -200,6 +202,15 @@ def _run(args, path: str, tokens: int, repeats: int) -> dict:
     return result
 
 
+def _merge(results: list[dict]) -> dict:
+    """One path's runs as one result: the largest peak, every step's times and loads."""
+    out = dict(results[0])
+    out["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in results)
+    for key in ("times_s", "cpu_times_s", "load_1min"):
+        out[key] = [x for r in results for x in r[key]]
+    return out
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -210,8 +221,11 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _fmt_times(xs: list[float]) -> str:
-    return ", ".join(f"{x:.1f}" for x in xs)
+def _fmt_steps(r: dict) -> str:
+    return ", ".join(
+        f"{w:.1f} s ({c:.1f} s) [{ld:.1f}]"
+        for w, c, ld in zip(r["times_s"], r["cpu_times_s"], r["load_1min"])
+    )
 
 
 def _report(args, naive: dict, fused: dict, scaling: list[dict], wall: float) -> str:
@@ -235,21 +249,22 @@ def _report(args, naive: dict, fused: dict, scaling: list[dict], wall: float) ->
         f"{torch.__version__}, float32. One FiRe-MPO step (4 branches, forward + backward) from "
         f"hidden states: vocabulary {v:,}, hidden {args.hidden}, {b} sequences x {t} response "
         f"tokens per branch, ~9% span tokens, every pair with a corrupted image, lm_head "
-        f"{args.lm_head}, fused chunk {args.chunk} rows. Each path ran in a fresh process; peak = "
-        "ru_maxrss minus RSS after the shared inputs (high-water mark reset there"
+        f"{args.lm_head}, fused chunk {args.chunk} rows. Every step ran in a fresh process, "
+        "naive and fused alternating so both see the same background load; peak = ru_maxrss "
+        "minus RSS after the shared inputs (high-water mark reset there"
         f"{'' if fused['peak_reset'] else ' -- reset unavailable, peaks include input building'}"
-        "); times are medians of "
-        f"{args.repeats} steps (wall; CPU = user + system time of the process, less sensitive to "
-        f"other load on the machine). One [B, T, V] float32 logits tensor is "
-        f"{logits_bytes / GB:.2f} GiB.",
+        f"), the largest over the steps; times are medians of {args.repeats} steps (wall; CPU = "
+        "user + system time of the process, 2 threads, less sensitive to other load on the "
+        f"machine). One [B, T, V] float32 logits tensor is {logits_bytes / GB:.2f} GiB.",
         "",
-        "| path | peak extra memory | wall time / step | CPU time / step | all steps (wall) |",
+        "| path | peak extra memory | wall time / step | CPU time / step | steps: wall (CPU) "
+        "[1-min load] |",
         "|---|---|---|---|---|",
         f"| naive (`preference_loss_from_logits`) | {pn / GB:.2f} GiB (incl. reference logits "
         f"{naive['reference_input_bytes'] / GB:.2f} GiB) | {tn:.1f} s | {cn:.1f} s "
-        f"| {_fmt_times(naive['times_s'])} s |",
+        f"| {_fmt_steps(naive)} |",
         f"| fused (`fused_preference_loss`) | {pf / GB:.2f} GiB | {tf:.1f} s | {cf:.1f} s "
-        f"| {_fmt_times(fused['times_s'])} s |",
+        f"| {_fmt_steps(fused)} |",
         f"| **fused / naive** | **{pf / pn:.1%}** (goal <= 15%) | **{tf / tn:.2f}x** "
         f"(goal <= 1.3x) | **{cf / cn:.2f}x** | |",
         "",
@@ -303,8 +318,13 @@ def main(argv: list[str] | None = None) -> None:
         args.vocab, args.scaling = 32_000, "128,256"
     start = time.perf_counter()
     print(f"naive and fused at {args.tokens} tokens ...", file=sys.stderr, flush=True)
-    naive = _run(args, "naive", args.tokens, args.repeats)
-    fused = _run(args, "fused", args.tokens, args.repeats)
+    # One step per fresh process, alternating naive / fused, so that both paths see the same
+    # background load on a shared machine.
+    runs: dict[str, list[dict]] = {"naive": [], "fused": []}
+    for _ in range(args.repeats):
+        for path in ("naive", "fused"):
+            runs[path].append(_run(args, path, args.tokens, 1))
+    naive, fused = (_merge(runs[path]) for path in ("naive", "fused"))
     scaling = []
     for tok in (int(x) for x in args.scaling.split(",") if x.strip()):
         scaling.append(fused if tok == args.tokens else _run(args, "fused", tok, 1))

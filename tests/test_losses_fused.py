@@ -306,8 +306,10 @@ def test_fused_never_materialises_rows_times_vocab(weight_grad):
     assert probe.max_numel < n_pairs * t_len * vocab / 2
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_low_precision_inputs_follow_the_float64_result(dtype, tol):
+@pytest.mark.parametrize(
+    ("dtype", "tol", "cos_tol"), [(torch.float32, 1e-5, 1e-10), (torch.bfloat16, 5e-3, 1e-4)]
+)
+def test_low_precision_inputs_follow_the_float64_result(dtype, tol, cos_tol):
     # float32 / bfloat16 hidden states and lm_head (bf16 is the GPU training dtype): softmax
     # statistics are accumulated in float32, so the loss stays close to the float64 naive value.
     p = Problem(seed=10, bias=False, weight_grad=False, separate_reference_head=False)
@@ -330,4 +332,4 @@ def test_low_precision_inputs_follow_the_float64_result(dtype, tol):
         assert g_low.dtype == dtype
         rows = g_high[p.labels[k] != IGNORE_INDEX]  # [N, H], the packed rows' gradient
         cos = torch.nn.functional.cosine_similarity(g_low.double().flatten(), rows.flatten(), dim=0)
-        assert cos > 1 - tol
+        assert cos > 1 - cos_tol

@@ -10,6 +10,7 @@ distribution only at the KL positions of (clean image, y+) (its span tokens for 
 response token for RRPO), so the reference's hidden states are passed for those rows only; the
 reference's token log-prob *sums* for the reward terms come precomputed as [B] tensors (the
 per-round reference artifact; :func:`reference_logp_sums` computes them the same chunked way).
+All branches' rows are concatenated and go through a single chunked pass.
 
 Gradients come from a custom :class:`torch.autograd.Function` so that autograd never keeps a
 [chunk, V] tensor alive:
@@ -432,25 +433,32 @@ def preference_logps_fused(
             "reference_kl_hidden (the reference's hidden states at those rows)"
         )
 
+    # All branches go through ONE chunked pass (their rows concatenated, clean_chosen first): one
+    # autograd node, hence a single [V, H] lm_head gradient buffer when the lm_head is trained.
+    spans = [branches[key].span_mask.to(torch.bool) for key in wanted]
+    kl_rows = ref_kl = None
+    if kl_on is not None:
+        cc_kl = spans[0] if kl_on == "spans" else torch.ones_like(spans[0])
+        ref_kl = reference_kl_hidden
+        n_cc, n_kl = cc_kl.numel(), int(cc_kl.sum())
+        if ref_kl.shape[0] == n_cc and n_kl != n_cc:  # given for every row of clean_chosen
+            ref_kl = ref_kl[cc_kl]
+        kl_rows = torch.cat([cc_kl, *(torch.zeros_like(sp) for sp in spans[1:])])
+    logp_all, kl_f, kl_r = fused_token_stats(
+        torch.cat([branches[key].hidden for key in wanted]),
+        lm_head_weight,
+        torch.cat([branches[key].targets for key in wanted]),
+        bias=lm_head_bias,
+        kl_rows=kl_rows,
+        reference_hidden=ref_kl,
+        reference_weight=reference_lm_head_weight,
+        reference_bias=reference_lm_head_bias,
+        chunk_size=chunk_size,
+    )
+    sizes = [sp.numel() for sp in spans]
     out: dict[str, BranchLogps] = {}
-    kl_forward = kl_reverse = None
-    for key in wanted:
+    for key, span, logp in zip(wanted, spans, logp_all.split(sizes)):
         br = branches[key]
-        span = br.span_mask.to(torch.bool)
-        kl_rows = None
-        if key == "clean_chosen" and kl_on is not None:
-            kl_rows = span if kl_on == "spans" else torch.ones_like(span)
-        logp, kl_f, kl_r = fused_token_stats(
-            br.hidden,
-            lm_head_weight,
-            br.targets,
-            bias=lm_head_bias,
-            kl_rows=kl_rows,
-            reference_hidden=reference_kl_hidden if kl_rows is not None else None,
-            reference_weight=reference_lm_head_weight,
-            reference_bias=reference_lm_head_bias,
-            chunk_size=chunk_size,
-        )
         policy, policy_span = _pair_sums(logp, br.pair_index, span, num_pairs)
         out[key] = BranchLogps(
             policy=policy,
@@ -459,10 +467,12 @@ def preference_logps_fused(
             reference_span=br.reference_span_logp.to(logp.dtype),
             num_tokens=torch.bincount(br.pair_index, minlength=num_pairs),
         )
-        if kl_rows is not None:
-            zeros = logp.new_zeros(num_pairs)
-            kl_forward = zeros.index_add(0, br.pair_index, kl_f)
-            kl_reverse = zeros.index_add(0, br.pair_index, kl_r)
+    kl_forward = kl_reverse = None
+    if kl_on is not None:
+        cc_pairs = branches["clean_chosen"].pair_index
+        zeros = logp_all.new_zeros(num_pairs)
+        kl_forward = zeros.index_add(0, cc_pairs, kl_f[: sizes[0]])
+        kl_reverse = zeros.index_add(0, cc_pairs, kl_r[: sizes[0]])
     return PreferenceLogps(
         clean_chosen=out["clean_chosen"],
         clean_rejected=out["clean_rejected"],
