@@ -19,7 +19,8 @@ reference logits included for the naive path. Time is the median wall time of
 the decoder only); ``--lm-head trained`` also takes the weight's gradient (fused path: logits are
 recomputed per chunk in backward).
 
-Run (about 10 minutes on 2 cores at the defaults; ``--quick`` is a 32k-vocabulary smoke run)::
+Run (17 min measured at the defaults on a shared 2-core machine, its floor being ~5 TFLOP per
+step; ``--quick``, a 32k-vocabulary smoke run, took 2 min)::
 
     .venv/bin/python bench/loss_memory.py                      # V=151936, H=1024, 8 x 256 tokens
     .venv/bin/python bench/loss_memory.py --lm-head trained --repeats 1 --scaling ""

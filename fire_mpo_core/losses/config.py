@@ -89,7 +89,7 @@ class LossConfig(BaseModel):
         ge=1,
         description=(
             "Fused path only: response tokens per chunk; the loss's peak extra memory is about "
-            "2 * chunk_size * vocab floats (float32)."
+            "2-3 * chunk_size * vocab floats (float32)."
         ),
     )
 

@@ -323,7 +323,7 @@ def fused_token_stats(
         reference_weight: [V, H] reference lm_head (default: ``weight``, detached).
         reference_bias: [V] reference bias (default: ``bias`` when ``reference_weight`` is not
             given, else none).
-        chunk_size: rows per chunk; peak extra memory ~2 * chunk_size * V elements.
+        chunk_size: rows per chunk; peak extra memory ~2-3 * chunk_size * V elements.
 
     Returns:
         (l(n) = log softmax(z_n)[y_n] [N], KL(ref||theta) [N], KL(theta||ref) [N]); the KL values
