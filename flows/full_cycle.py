@@ -34,6 +34,7 @@ from fire_mpo_core.store import is_finished
 from fire_mpo_core.training.config import ReferenceConfig
 from tasks.common import StageCall, bind
 from tasks.corrupt import corrupt
+from tasks.dashboard import bind_dashboard
 from tasks.evaluate import evaluate
 from tasks.judge import judge
 from tasks.prepare import prepare
@@ -183,6 +184,22 @@ def run_cycle(cfg: CycleConfig, stage: _Runner) -> str | None:
     return evaluation
 
 
+def publish_dashboard(cfg: CycleConfig, stage: _Runner) -> None:
+    """The run's markdown report (metrics by round, example pairs) on the dashboard."""
+    out = stage.outputs
+    evaluations = {k: p for (s, k), p in out.items() if s == "evaluate" and p is not None}
+    if not evaluations:
+        return
+    corrupted = [(k, p) for (s, k), p in out.items() if s == "corrupt" and p is not None]
+    bind_dashboard(cfg.store)(
+        run=cfg.run,
+        evaluations=evaluations,
+        corrupt=max(corrupted)[1] if corrupted else None,
+        prepare=out.get(("prepare", 0)),
+        store=str(cfg.store),
+    )
+
+
 def report(evaluation: str | None) -> str | None:
     """Log where the report is; the metrics.json path of an evaluation folder (None: none)."""
     if evaluation is None:
@@ -205,7 +222,10 @@ def fire_mpo(
     """prepare -> sft -> evaluate, then per round k: sample (from round k-1's policy) -> judge
     -> corrupt -> reference -> train -> evaluate. Returns the last metrics.json path."""
     cfg = load_cycle_config(config, rounds, stages, store, run)
-    return report(run_cycle(cfg, _Runner(cfg, refresh)))
+    runner = _Runner(cfg, refresh)
+    evaluation = run_cycle(cfg, runner)
+    publish_dashboard(cfg, runner)
+    return report(evaluation)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,10 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.tasks import Task
@@ -117,6 +122,7 @@ def stage_task(
             fn=lambda writer: body(call, writer),
             refresh=call.refresh,
             resumable=resumable,
+            max_reject_fraction=call.config.get("max_reject_fraction"),
         )
         publish_summary(call, res)
         return str(res.path)
@@ -171,3 +177,21 @@ def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     out = "".join(c if c.isalnum() else "-" for c in text.lower())
     return "-".join(filter(None, out.split("-")))
+
+
+class Progress:
+    """A dashboard progress bar for a long stage, throttled so that a stage of thousands of
+    records makes tens of API calls, not thousands: `Progress(desc)(done, total)`."""
+
+    def __init__(self, description: str, min_seconds: float = 2.0, min_percent: float = 5.0):
+        self.id = create_progress_artifact(0.0, description=description)
+        self.min_seconds, self.min_percent = min_seconds, min_percent
+        self._last_t, self._last_p = monotonic(), 0.0
+
+    def __call__(self, done: int, total: int, *_: Any) -> None:
+        pct = 100.0 * done / max(1, total)
+        now = monotonic()
+        due = pct - self._last_p >= self.min_percent or now - self._last_t >= self.min_seconds
+        if pct >= 100.0 or (due and pct > self._last_p):
+            update_progress_artifact(self.id, pct)
+            self._last_t, self._last_p = now, pct

@@ -13,7 +13,7 @@ from fire_mpo_core.data.io import load_records
 from fire_mpo_core.policy import read_policy
 from fire_mpo_core.sampling import SampleConfig, items_from_records, make_engine, sample_to_file
 from fire_mpo_core.store import DATA, StageWriter, read_manifest
-from tasks.common import StageCall, stage_task
+from tasks.common import Progress, StageCall, stage_task
 
 
 def body(call: StageCall, w: StageWriter) -> dict:
@@ -29,7 +29,11 @@ def body(call: StageCall, w: StageWriter) -> dict:
         model_key=read_manifest(policy_dir)["key"],
     )
     stats = sample_to_file(
-        engine, items_from_records(records, root), w.path / DATA, on_reject=w.reject
+        engine,
+        items_from_records(records, root),
+        w.path / DATA,
+        on_reject=w.reject,
+        on_progress=Progress(f"sample, round {call.round}: records"),
     )
     return {"records_in": len(records), **asdict(stats)}
 

@@ -32,7 +32,9 @@ SMALL = {
     "evaluate": {"max_new_tokens": 8, "batch_size": 16},
 }
 ROUND_STAGES = ["sample", "judge", "corrupt", "reference", "train", "evaluate"]
-ALL_RUNS = sorted(["prepare-r0", "sft-r0", "evaluate-r0"] + [f"{s}-r1" for s in ROUND_STAGES])
+ALL_RUNS = sorted(
+    ["prepare-r0", "sft-r0", "evaluate-r0", "dashboard"] + [f"{s}-r1" for s in ROUND_STAGES]
+)
 
 
 @pytest.fixture()
@@ -44,6 +46,15 @@ def small_config(tmp_path: Path) -> Path:
 
 def _task_states(flow_run_id) -> dict[str, str]:
     return task_states(flow_run_id)
+
+
+def _artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        art = client.read_latest_artifacts()
+    (found,) = [a for a in art if a.key == key]
+    return found.data
 
 
 def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
@@ -64,6 +75,10 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     train_inputs = read_manifest(train_dir)["inputs"]
     assert set(train_inputs) == {"prepare", "corrupt", "reference", "policy"}
     assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # The dashboard report: a markdown artifact under the run's stable key.
+    report = _artifact("t-report")
+    assert "| 0 | SFT base |" in report and "| 1 | round 1 |" in report
+    assert "data:image/png;base64," in report and "y+ (chosen):" in report
 
     again = fire_mpo(config=str(small_config), return_state=True)
     assert Path(again.result()) == metrics_path
@@ -85,7 +100,11 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     small_config.write_text(yaml.safe_dump(cfg))
     fourth = fire_mpo(config=str(small_config), return_state=True)
     states = _task_states(fourth.state_details.flow_run_id)
-    assert {k for k, v in states.items() if v != "Cached"} == {"train-r1", "evaluate-r1"}
+    assert {k for k, v in states.items() if v != "Cached"} == {
+        "train-r1",
+        "evaluate-r1",
+        "dashboard",
+    }
 
 
 def test_stages_subset_and_missing_inputs(prefect_harness, small_config, tmp_path):

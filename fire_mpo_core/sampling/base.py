@@ -200,6 +200,7 @@ def sample_to_file(
     out_path: Path,
     done_ids: Iterable[str] = (),
     on_reject: Callable[[str, str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> SampleStats:
     """Append the engine's rollouts for ``items`` to ``out_path`` (JSONL), resumably.
 
@@ -207,7 +208,8 @@ def sample_to_file(
     skipped; rows of a record left unfinished by a crash are dropped first and the record is
     sampled again. Every row is flushed as it is written. Rejected records go to
     ``on_reject(id, reason)`` (e.g. ``StageWriter.reject``) and are not written, so a later call
-    tries them again.
+    tries them again. ``on_progress(done, total)`` is called as records finish (counting the
+    ones already in the file), e.g. to update a dashboard progress bar.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +224,9 @@ def sample_to_file(
             continue
         seen.add(it.record_id)
         todo.append(it)
+    total = stats.skipped + len(todo)
+    if on_progress is not None:
+        on_progress(stats.skipped, total)
     if not todo:
         return stats
     with out_path.open("a", encoding="utf-8") as f:
@@ -231,6 +236,8 @@ def sample_to_file(
                 stats.rejected += 1
                 if on_reject is not None:
                     on_reject(row.id, row.reason)
+                if on_progress is not None:
+                    on_progress(stats.skipped + stats.records + stats.rejected, total)
                 continue
             f.write(json.dumps(row.model_dump(mode="json"), ensure_ascii=False, sort_keys=True))
             f.write("\n")
@@ -241,5 +248,7 @@ def sample_to_file(
             count += 1
             if count == engine.n:
                 stats.records += 1
+                if on_progress is not None:
+                    on_progress(stats.skipped + stats.records + stats.rejected, total)
         os.fsync(f.fileno())
     return stats
