@@ -112,6 +112,18 @@ def specs() -> list[Spec]:
             tags=("fire-mpo", "scheduled"),
         ),
         Spec(
+            name="stage-train-gpu",
+            entrypoint="flows.stage.stage_as_fire_mpo",
+            pool=GPU_POOL,
+            description="`train` on the GPU pool, called by a full cycle whose config has "
+            "`remote_stages: {train: fire-mpo/stage-train-gpu}` (run_deployment; the store "
+            f"must be one path both workers see). Needs a worker on `{GPU_POOL}` started with "
+            f"{GPU_REPO_ENV}=<its checkout>.",
+            parameters={"stage": "train"},
+            frozen=("stage",),
+            tags=("fire-mpo", "gpu", "stage"),
+        ),
+        Spec(
             name="full-cycle-gpu",
             entrypoint="flows.full_cycle.fire_mpo",
             pool=GPU_POOL,

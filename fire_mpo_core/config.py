@@ -11,11 +11,19 @@ fails at load time with the file and the dotted field path in the message.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 StageName = Literal[
     "prepare", "sft", "sample", "judge", "corrupt", "reference", "train", "evaluate"
@@ -115,6 +123,9 @@ class SFTConfig(_Cfg):
     seed: int = Field(default=0, description="Data order and dropout seed.")
 
 
+from fire_mpo_core.openai_client import OpenAIEndpointConfig  # noqa: E402
+
+
 class EvaluateConfig(_Cfg):
     """Benchmark evaluation of a policy on a split."""
 
@@ -123,6 +134,32 @@ class EvaluateConfig(_Cfg):
     max_new_tokens: int = Field(default=48, ge=1, description="Generation budget per answer.")
     max_samples: int | None = Field(
         default=None, ge=1, description="Evaluate only the first N records (None: all)."
+    )
+    grounding: bool = Field(
+        default=True,
+        description="Measure visual grounding: sensitivity to lesion removal, blind accuracy on "
+        "blank images, lesion attention ratio per layer (fire_mpo_core.evaluation.grounding).",
+    )
+    grounding_max_samples: int = Field(
+        default=64, ge=1, description="Records per grounding measurement (evenly spaced subset)."
+    )
+    sensitivity_corruption: Literal["inpaint", "black"] = Field(
+        default="inpaint",
+        description="How the lesion is removed for visual sensitivity: inpaint (filled from the "
+        "surrounding tissue) or black (zeroed).",
+    )
+    blind_fill: int = Field(
+        default=128, ge=0, le=255, description="Grey level of the blank image for blind accuracy."
+    )
+    llm_judge: OpenAIEndpointConfig | None = Field(
+        default=None,
+        description="OpenAI-compatible endpoint that judges open answers (open_llm_accuracy); "
+        "None: off.",
+    )
+    green: OpenAIEndpointConfig | None = Field(
+        default=None,
+        description="OpenAI-compatible endpoint for the GREEN-style report score (report_green); "
+        "None: off.",
     )
 
 
@@ -152,6 +189,19 @@ class CycleConfig(_Cfg):
     stages: list[StageName] | None = Field(
         default=None, description="Run only these stages (their inputs must exist); None: all."
     )
+    max_reject_fraction: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Fail a stage (with a summary of the reasons) when it rejects more than this "
+        "share of its records; None: no limit (rejects are still listed in rejects.jsonl).",
+    )
+    remote_stages: dict[StageName, str] = Field(
+        default_factory=dict,
+        description="Stages run through a Prefect deployment instead of in the flow run, e.g. "
+        "{train: fire-mpo/stage-train-gpu} (the GPU pool): the flow calls `run_deployment` and "
+        "waits. The store must be one path that both workers see; it is checked at the start.",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
@@ -163,6 +213,14 @@ class CycleConfig(_Cfg):
         description="Preference training; the `reference` stage derives its settings from it.",
     )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("remote_stages")
+    @classmethod
+    def _deployment_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for stage, name in v.items():
+            if not re.fullmatch(r"[^/\s]+/[^/\s]+", name):
+                raise ValueError(f"{stage}: {name!r} is not a deployment name '<flow>/<name>'")
+        return v
 
 
 class ConfigError(ValueError):

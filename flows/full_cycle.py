@@ -32,6 +32,7 @@ from pydantic import Field
 from fire_mpo_core.config import STAGES, CycleConfig, StageName, load_config
 from fire_mpo_core.store import is_finished
 from fire_mpo_core.training.config import ReferenceConfig
+from flows.remote import run_remote, store_id
 from tasks.common import StageCall, bind
 from tasks.corrupt import corrupt
 from tasks.dashboard import bind_dashboard
@@ -69,8 +70,15 @@ class _Runner:
         refresh: bool,
         rounds: Collection[int] | None = None,
         hint: str = "add them to --stages",
+        config_path: str | None = None,
     ):
         self.cfg, self.refresh = cfg, refresh
+        # The YAML the remote stage flows reload (they get the same store and run name).
+        self.config_path = config_path
+        if cfg.remote_stages:
+            if config_path is None:
+                raise ValueError("remote_stages needs the config's path, to pass it on")
+            store_id(cfg.store, create=True)
         self.selected = set(cfg.stages or STAGES)
         self.rounds = None if rounds is None else set(rounds)
         self.hint = hint
@@ -110,9 +118,33 @@ class _Runner:
             threads=self.cfg.num_threads,
         )
         task = TASKS[stage]
+        out = call.output_dir(task.cache_policy.code)
+        if (
+            selected
+            and stage in self.cfg.remote_stages
+            and not (is_finished(out) and not self.refresh)
+        ):
+            run_remote(
+                self.cfg.remote_stages[stage],
+                {
+                    "stage": stage,
+                    "round": round_,
+                    "config": self.config_path,
+                    "store": str(self.cfg.store),
+                    "run": self.cfg.run,
+                    "refresh": self.refresh,
+                    "store_id": store_id(self.cfg.store),
+                },
+                label=f"stage {stage!r} (round {round_})",
+            )
+            if not is_finished(out):
+                raise RuntimeError(
+                    f"stage {stage!r} (round {round_}) ran on {self.cfg.remote_stages[stage]} "
+                    f"but {out} is not finished: is the config the same on both workers?"
+                )
+            return str(out)
         if selected:
             return bind(task, self.cfg.store)(call)
-        out = call.output_dir(task.cache_policy.code)
         return str(out) if is_finished(out) else None
 
 
@@ -222,7 +254,7 @@ def fire_mpo(
     """prepare -> sft -> evaluate, then per round k: sample (from round k-1's policy) -> judge
     -> corrupt -> reference -> train -> evaluate. Returns the last metrics.json path."""
     cfg = load_cycle_config(config, rounds, stages, store, run)
-    runner = _Runner(cfg, refresh)
+    runner = _Runner(cfg, refresh, config_path=config)
     evaluation = run_cycle(cfg, runner)
     publish_dashboard(cfg, runner)
     return report(evaluation)

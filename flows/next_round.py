@@ -25,7 +25,7 @@ from pydantic import Field
 
 from fire_mpo_core.config import load_config
 from fire_mpo_core.store import ArtifactStore
-from flows.full_cycle import _Runner, load_cycle_config, report, run_cycle
+from flows.full_cycle import _Runner, load_cycle_config, publish_dashboard, report, run_cycle
 from flows.stage import RUN_PATTERN
 
 
@@ -55,7 +55,10 @@ def next_round(
     get_run_logger().info(
         f"Run {cfg.run!r} in {cfg.store}: {done} round(s) done, running round {cfg.rounds}"
     )
-    return report(run_cycle(cfg, _Runner(cfg, refresh)))
+    runner = _Runner(cfg, refresh, config_path=config)
+    evaluation = run_cycle(cfg, runner)
+    publish_dashboard(cfg, runner)
+    return report(evaluation)
 
 
 #: The same flow under the pipeline's flow name: its deployment reads `fire-mpo/next-round`.

@@ -26,6 +26,7 @@ from pydantic import Field
 from fire_mpo_core.config import SETUP_STAGES, STAGES, StageName, load_config
 from fire_mpo_core.store import ArtifactStore
 from flows.full_cycle import _Runner, load_cycle_config, run_cycle
+from flows.remote import check_shared_store
 
 RUN_PATTERN = r"^[A-Za-z0-9_.-]+$"  # the same as CycleConfig.run
 
@@ -61,6 +62,7 @@ def rerun_stage(
     store: str | None = None,
     run: Annotated[str, Field(pattern=RUN_PATTERN)] | None = None,
     refresh: bool = False,
+    store_id: str | None = None,
 ) -> str:
     """Rerun one stage of one round; its inputs come from the store. Returns its output folder.
 
@@ -73,8 +75,14 @@ def rerun_stage(
         store: Override the artifact store folder of the config.
         run: Override the run name of the config.
         refresh: Recompute the stage even if its output for these inputs exists.
+        store_id: Set by a full cycle that runs this stage on another work pool: the id the
+            store must have here (the same store, mounted on both machines).
     """
     cfg = load_cycle_config(config, store=store, run=run)
+    if store_id is not None:
+        check_shared_store(cfg.store, store_id)
+    # This flow is where a remote stage runs: it must not dispatch the stage again.
+    cfg.remote_stages = {}
     k = target_round(stage, round, ArtifactStore(cfg.store), cfg.run)
     # Walk the DAG only up to round k; only (stage, k) is built, the rest is read from the store.
     cfg.rounds, cfg.stages = k, [stage]

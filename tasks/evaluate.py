@@ -1,8 +1,9 @@
 """Stage `evaluate`: benchmark a policy on the test split; writes `metrics.json` and `report.md`.
 
-Inputs `prepare` (the dataset), `policy` (any stage folder with a `policy.json`) and, from round
-1 on, `previous` (the last round's evaluation), whose `history.jsonl` is extended so the report
-tracks every round.
+Metrics are listed in `fire_mpo_core.evaluation.vqa`; with grounding on, the folder also holds
+`grounding.jsonl`. Inputs `prepare` (the dataset), `policy` (any stage folder with a
+`policy.json`) and, from round 1 on, `previous` (the last round's evaluation), whose
+`history.jsonl` is extended so the report tracks every round.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from fire_mpo_core.policy import read_policy
 from fire_mpo_core.store import StageWriter
 from tasks.common import StageCall, artifact_key, stage_task
 
-HEADLINE = ("closed_accuracy", "open_exact_match", "open_recall", "report_token_f1")
+HEADLINE = (
+    "closed_accuracy",
+    "open_exact_match",
+    "open_recall",
+    "report_token_f1",
+    "clinical_f1",
+    "visual_sensitivity",
+    "blind_accuracy",
+    "lesion_attention_ratio",
+)
 
 
 def body(call: StageCall, w: StageWriter) -> dict:
@@ -59,5 +69,14 @@ def body(call: StageCall, w: StageWriter) -> dict:
 evaluate = stage_task(
     "evaluate",
     body,
-    ["tasks.evaluate", "fire_mpo_core.evaluation", "fire_mpo_core.models", "fire_mpo_core.data"],
+    [
+        "tasks.evaluate",
+        "fire_mpo_core.evaluation",
+        "fire_mpo_core.models",
+        "fire_mpo_core.data",
+        # Clinical F1 parses with the judge's lexicon; grounding removes lesions with `corrupt`.
+        "fire_mpo_core.judge",
+        "fire_mpo_core.corruption",
+        "fire_mpo_core.openai_client",
+    ],
 )

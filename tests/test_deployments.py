@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
     FlowFilter,
     FlowFilterName,
 )
@@ -37,6 +40,7 @@ from fire_mpo_core.store import ArtifactStore
 from flows.full_cycle import fire_mpo, parse_args
 from flows.next_round import main as next_round_main
 from flows.next_round import next_round, rounds_done
+from flows.remote import check_shared_store
 from flows.stage import main as stage_main
 from flows.stage import rerun_stage, target_round
 from tests.conftest import task_states
@@ -47,6 +51,7 @@ EXPECTED = {
     *(f"fire-mpo/stage-{s}" for s in STAGES),
     "fire-mpo/next-round",
     "fire-mpo/full-cycle-gpu",
+    "fire-mpo/stage-train-gpu",
 }
 
 
@@ -234,9 +239,10 @@ def test_stage_and_next_round_flows(prefect_harness, tmp_path):
 
     state = next_round(config=str(cfg), return_state=True)
     states = _task_states(state.state_details.flow_run_id)
-    assert {k for k, v in states.items() if v == "Cached"} == set(ALL_RUNS)
+    assert {k for k, v in states.items() if v == "Cached"} == set(ALL_RUNS) - {"dashboard"}
     assert {k for k, v in states.items() if v == "Completed"} == {
-        f"{s}-r2" for s in ROUND_STAGES
+        *(f"{s}-r2" for s in ROUND_STAGES),
+        "dashboard",
     }, states
     assert Path(state.result()).parent.parent.parent.name == "round-2"
     assert rounds_done(tmp_path / "store", SMALL["run"]) == 2
@@ -259,64 +265,144 @@ def _sh(args: list[str], env: dict, timeout: float) -> tuple[subprocess.Complete
     return out, time.perf_counter() - t0
 
 
-@pytest.mark.slow
-def test_make_serve_runs_deployments_then_stops(tmp_path):
-    port = _free_port()
-    home = tmp_path / "prefect-home"
-    bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_API_PORT=str(port),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        BIN=str(bin_dir),
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    cfg = tmp_path / "small.yaml"
-    cfg.write_text(yaml.safe_dump({**SMALL, "store": str(tmp_path / "store")}))
-    run_env = {**env, "PREFECT_API_URL": api}
-    deploy_run = [str(bin_dir / "prefect"), "deployment", "run"]
-    timings: dict[str, float] = {}
+class Served:
+    """A `make serve` instance on a free port with a private PREFECT_HOME (see `served`)."""
 
-    def run(name: str, *params: str, label: str) -> str:
-        args = [*deploy_run, name, "--watch", "-p", f"config={cfg}"]
-        for p in params:
+    def __init__(self, tmp: Path):
+        self.port = _free_port()
+        self.home = tmp / "prefect-home"
+        self.bin = Path(sys.executable).parent
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_API_PORT=str(self.port),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            BIN=str(self.bin),
+            # Two slots: a full cycle waits on the stage it runs through run_deployment.
+            FIRE_MPO_WORKER_LIMIT="2",
+        )
+        self.env = env
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api = f"{self.url}/api"
+        self.run_env = {**env, "PREFECT_API_URL": self.api}
+        self.cfg = tmp / "small.yaml"
+        self.cfg.write_text(yaml.safe_dump({**SMALL, "store": str(tmp / "store")}))
+        self.timings: dict[str, float] = {}
+        self.runs: dict[str, str] = {}
+        self.pids: dict[str, int] = {}
+        # The Makefile's own install step is not what is tested here (it may need the network).
+        self.make = ["make", "-o", ".venv/.installed"]
+
+    def deploy_run(self, name: str, *params: str, label: str, cfg: Path | None = None) -> str:
+        """`prefect deployment run NAME --watch`; asserts Completed; returns the flow run id."""
+        args = [str(self.bin / "prefect"), "deployment", "run", name, "--watch"]
+        for p in (f"config={cfg or self.cfg}", *params):
             args += ["-p", p]
-        out, timings[label] = _sh(args, run_env, 900)
+        out, self.timings[label] = _sh(args, self.run_env, 900)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "Flow run finished successfully in 'Completed'" in out.stdout
-        return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+        self.runs[label] = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+        return self.runs[label]
 
-    # The Makefile's own install step is not what is tested here (and may need the network).
-    make = ["make", "-o", ".venv/.installed"]
-    pids: dict[str, int] = {}
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`make serve` once for the tests below; `make stop` (again, harmlessly) at the end."""
+    srv = Served(tmp_path_factory.mktemp("serve"))
     try:
-        out, timings["make serve"] = _sh([*make, "serve"], env, 600)
+        out, srv.timings["make serve"] = _sh([*srv.make, "serve"], srv.env, 600)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert f"Dashboard:  http://127.0.0.1:{port}" in out.stdout
-        assert f"export PREFECT_API_URL={api}" in (home / "serve.env").read_text()
-        assert "make stop" in out.stdout
-        pids = {n: int((home / f"{n}.pid").read_text()) for n in ("server", "worker")}
-
-        first = run("fire-mpo/full-cycle", label="full-cycle, first run")
-        again = run("fire-mpo/full-cycle", label="full-cycle, cached rerun")
-        evaluate = run("fire-mpo/stage-evaluate", "refresh=true", label="stage-evaluate, forced")
-        with temporary_settings({PREFECT_API_URL: api}):
-            assert _task_states(first) == dict.fromkeys(ALL_RUNS, "Completed")
-            assert _task_states(again) == dict.fromkeys(ALL_RUNS, "Cached")
-            assert _task_states(evaluate) == {"evaluate-r1": "Completed"}
-
-        bad, _ = _sh([*deploy_run, "fire-mpo/full-cycle", "-p", 'stages=["polish"]'], run_env, 120)
-        assert bad.returncode != 0 and "'polish' is not one of" in bad.stdout
+        assert f"Dashboard:  {srv.url}" in out.stdout and "make stop" in out.stdout
+        assert f"export PREFECT_API_URL={srv.api}" in (srv.home / "serve.env").read_text()
+        srv.pids = {n: int((srv.home / f"{n}.pid").read_text()) for n in ("server", "worker")}
+        yield srv
     finally:
-        stopped, timings["make stop"] = _sh([*make, "stop"], env, 120)
-    print("\ntimings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))
+        _sh([*srv.make, "stop"], srv.env, 120)
+        print("\ntimings (s):", json.dumps({k: round(v, 1) for k, v in srv.timings.items()}))
+
+
+@pytest.mark.slow
+def test_served_full_cycle_then_cached_then_one_stage(served):
+    first = served.deploy_run("fire-mpo/full-cycle", label="full-cycle, first run")
+    again = served.deploy_run("fire-mpo/full-cycle", label="full-cycle, cached rerun")
+    evaluate = served.deploy_run(
+        "fire-mpo/stage-evaluate", "refresh=true", label="stage-evaluate, forced"
+    )
+    with temporary_settings({PREFECT_API_URL: served.api}):
+        assert _task_states(first) == dict.fromkeys(ALL_RUNS, "Completed")
+        assert _task_states(again) == dict.fromkeys(ALL_RUNS, "Cached")
+        assert _task_states(evaluate) == {"evaluate-r1": "Completed"}
+    cmd = [str(served.bin / "prefect"), "deployment", "run", "fire-mpo/full-cycle"]
+    bad, _ = _sh([*cmd, "-p", 'stages=["polish"]'], served.run_env, 120)
+    assert bad.returncode != 0 and "'polish' is not one of" in bad.stdout
+
+
+@pytest.mark.slow
+def test_served_remote_stage_through_run_deployment(served, tmp_path):
+    """`remote_stages: {train: fire-mpo/stage-train}`: the cycle runs `train` as another
+    deployment's flow run (the GPU pool's mechanism, here on the local pool) and goes on."""
+    cfg = yaml.safe_load(served.cfg.read_text())
+    cfg["remote_stages"] = {"train": "fire-mpo/stage-train"}
+    cfg["train"]["lr"] = 1.5e-3  # a new train key: the stage must really run
+    remote_cfg = tmp_path / "remote.yaml"
+    remote_cfg.write_text(yaml.safe_dump(cfg))
+    parent = served.deploy_run(
+        "fire-mpo/full-cycle", label="full-cycle, train remote", cfg=remote_cfg
+    )
+    with temporary_settings({PREFECT_API_URL: served.api}):
+        states = _task_states(parent)
+        assert "train-r1" not in states and states["evaluate-r1"] == "Completed"
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name("fire-mpo/stage-train")
+            (child,) = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+            )
+        assert child.state.is_completed() and child.parameters["store_id"]
+        assert _task_states(child.id) == {"train-r1": "Completed"}
+    # The same store is checked, not assumed: another folder is refused, naming both ids.
+    other = tmp_path / "elsewhere"
+    with pytest.raises(RuntimeError, match="not the caller's store"):
+        check_shared_store(other, "0123")
+
+
+@pytest.mark.slow
+def test_served_dashboard_in_headless_chromium(served, tmp_path):
+    """The flow run page, rendered by Debian's headless Chromium, names every stage."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless browser check skipped: no `chromium` on PATH (apt install chromium)")
+    run_id = served.runs.get("full-cycle, first run") or served.deploy_run(
+        "fire-mpo/full-cycle", label="full-cycle, for the browser"
+    )
+    page = f"{served.url}/runs/flow-run/{run_id}"
+    shot = Path(os.environ.get("FIRE_MPO_SCREENSHOT", tmp_path / "flow-run.png"))
+    common = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1600,1000",
+        "--virtual-time-budget=25000",
+    ]
+    out, served.timings["chromium dump-dom"] = _sh([*common, "--dump-dom", page], served.env, 180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ALL_RUNS:
+        if name != "dashboard":
+            assert name in out.stdout, f"{name} not on the flow run page"
+    out, _ = _sh([*common, f"--screenshot={shot}", page], served.env, 180)
+    assert out.returncode == 0 and shot.stat().st_size > 10_000, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_make_stop_stops_worker_then_server(served):
+    stopped, served.timings["make stop"] = _sh([*served.make, "stop"], served.env, 120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert not list(home.glob("*.pid")) and not (home / "serve.env").exists()
-    for name, pid in pids.items():
+    assert not list(served.home.glob("*.pid")) and not (served.home / "serve.env").exists()
+    for name, pid in served.pids.items():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # gone
         assert f"Stopping the {name}" in stopped.stdout
     # Stopping twice is harmless.
-    out, _ = _sh([*make, "stop"], env, 60)
+    out, _ = _sh([*served.make, "stop"], served.env, 60)
     assert out.returncode == 0 and "No worker to stop" in out.stdout

@@ -3,8 +3,19 @@
     from fire_mpo_core.evaluation.vqa import evaluate_policy
     metrics = evaluate_policy(policy, data_root, EvaluateConfig(), out_dir)
 
-Writes `out_dir/data.jsonl` (one prediction per record) and `out_dir/metrics.json` (flat JSON of
-named metrics, DESIGN.md section 5).
+Writes `out_dir/data.jsonl` (one prediction per record), `out_dir/metrics.json` (flat JSON of
+named metrics, DESIGN.md section 5) and, with grounding on, `out_dir/grounding.jsonl` (one row
+per grounding sample). Metrics (one float each, None where the split has nothing to score):
+
+* answers: `closed_accuracy`, `open_exact_match`, `open_recall`, `open_f1`, per question type
+  (`closed_<type>_accuracy`, `open_<type>_exact`), counts `n_closed`, `n_open`, `n_report`;
+* reports (`evaluation.reports`): `report_bleu`, `report_rouge_l`, `report_token_f1`,
+  `clinical_precision`, `clinical_recall`, `clinical_f1`;
+* grounding (`evaluation.grounding`, `EvaluateConfig.grounding`): `visual_sensitivity`,
+  `visual_flip_rate`, `visual_logp_drop`, `blind_accuracy`, `blind_gap`,
+  `lesion_attention_ratio` and `lesion_attention_ratio_l<layer>`, with their sample counts;
+* optional endpoint scores (`evaluation.llm_judge`, off by default): `open_llm_accuracy`
+  (`EvaluateConfig.llm_judge`), `report_green` (`EvaluateConfig.green`).
 """
 
 from __future__ import annotations
@@ -17,10 +28,28 @@ from typing import Any
 
 from fire_mpo_core.config import EvaluateConfig
 from fire_mpo_core.data.io import load_records, open_image
+from fire_mpo_core.evaluation.grounding import measure_grounding
+from fire_mpo_core.evaluation.llm_judge import (
+    OpenItem,
+    ReportItem,
+    green_scores,
+    judge_open_answers,
+)
 from fire_mpo_core.evaluation.metrics import closed_correct, exact_match, token_f1, token_recall
+from fire_mpo_core.evaluation.reports import report_metrics
 from fire_mpo_core.models import generate, load_model, load_processor
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.store import write_jsonl
+
+#: Report metrics always in metrics.json (None without report records).
+REPORT_KEYS = (
+    "report_bleu",
+    "report_rouge_l",
+    "report_token_f1",
+    "clinical_precision",
+    "clinical_recall",
+    "clinical_f1",
+)
 
 
 def load_policy(policy: PolicyRef, dtype: str = "float32"):
@@ -89,7 +118,6 @@ def evaluate_policy(
         "open_exact_match": mean(by_type["open"]["exact"]),
         "open_recall": mean(by_type["open"]["recall"]),
         "open_f1": mean(by_type["open"]["f1"]),
-        "report_token_f1": mean(by_type["report"]["f1"]),
         "n_closed": len(by_type["closed"]["correct"]),
         "n_open": len(by_type["open"]["exact"]),
         "n_report": len(by_type["report"]["f1"]),
@@ -101,7 +129,42 @@ def evaluate_policy(
             metrics[f"closed_{qtype}_accuracy"] = mean(vals["correct"])
         elif qtype and kind == "open":
             metrics[f"open_{qtype}_exact"] = mean(vals["exact"])
+    reports = [(r, row["prediction"]) for r, row in zip(records, rows) if r.answer_type == "report"]
+    rep = report_metrics([p for _, p in reports], [r.answer for r, _ in reports])
+    for k in REPORT_KEYS:
+        metrics[k] = round(rep[k], 4) if k in rep else None
+    if cfg.llm_judge is not None:
+        items = [
+            OpenItem(r.id, r.question, r.answer, row["prediction"])
+            for r, row in zip(records, rows)
+            if r.answer_type == "open"
+        ]
+        verdicts = judge_open_answers(cfg.llm_judge, items, on_reject)
+        for row in rows:
+            if row["id"] in verdicts:
+                row["llm_correct"] = verdicts[row["id"]]
+        metrics["open_llm_accuracy"] = mean([float(v) for v in verdicts.values()])
+        metrics["n_open_llm_judged"] = len(verdicts)
+    if cfg.green is not None:
+        items = [ReportItem(r.id, r.answer, p) for r, p in reports]
+        green = green_scores(cfg.green, items, on_reject)
+        for row in rows:
+            if row["id"] in green:
+                row["green"] = green[row["id"]]
+        metrics["report_green"] = mean([g["green"] for g in green.values()])
+        metrics["n_report_green"] = len(green)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.grounding:
+        g_metrics, g_rows = measure_grounding(
+            model,
+            processor,
+            data_root,
+            records,
+            {row["id"]: row["prediction"] for row in rows},
+            cfg,
+        )
+        metrics.update(g_metrics)
+        write_jsonl(out_dir / "grounding.jsonl", g_rows)
     write_jsonl(out_dir / "data.jsonl", rows)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # Timing stays out of metrics.json: the stage's content (and so every downstream key) must

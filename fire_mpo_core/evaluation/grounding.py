@@ -1,0 +1,369 @@
+"""Visual-grounding metrics: does the answer follow the image, and where does the model look?
+
+Three measurements on a capped, evenly spaced subset of the evaluated split
+(``EvaluateConfig.grounding_max_samples`` records per measurement)::
+
+    from fire_mpo_core.evaluation.grounding import measure_grounding
+    metrics, rows = measure_grounding(model, processor, data_root, records, predictions, cfg)
+
+1. **Visual sensitivity.** Records with a lesion mask whose answer has a known value once every
+   lesion is gone (:func:`removed_truth`: presence / quadrant / count "yes" -> "no", open count
+   and abnormality -> "none"). The lesion is removed from the image (``inpaint`` corruption inside
+   the union mask, v'), the model answers again, and
+
+   * ``visual_sensitivity``: share of answers on v' that are right for the *updated* truth
+     (the answer follows the image);
+   * ``visual_flip_rate``: share whose answer on v' differs from the answer on v;
+   * ``visual_logp_drop``: mean of ``log p(y+ | v, q) - log p(y+ | v', q)`` where y+ is the
+     original reference answer (summed over its tokens and EOS): how much less likely the old
+     answer becomes; > 0 means the model uses the lesion.
+
+2. **Blind accuracy.** Closed questions answered on a blank image (one grey level, the original
+   size): ``blind_accuracy`` (lower = less language prior) and ``blind_gap`` = accuracy of the
+   same questions with their images minus ``blind_accuracy``.
+
+3. **Lesion attention ratio** per decoder layer ``l``: the reference answer is teacher-forced;
+   for each of its clinical tokens (:func:`~fire_mpo_core.evaluation.clinical.clinical_spans`) the
+   attention row of the position that *predicts* it is read (eager attention), averaged over
+   heads and clinical tokens, restricted to image tokens. With ``a_k`` that attention on image
+   token ``k`` and ``f_k`` the share of token ``k``'s image patch inside the lesion mask::
+
+       ratio_l = (sum_k a_k f_k / sum_k a_k) / (mean_k f_k)
+
+   i.e. the share of image attention on the lesion over the lesion's area share; 1 = no
+   preference, > 1 = attention concentrates on the lesion. ``lesion_attention_ratio_l<l>`` per
+   layer (mean over records) and ``lesion_attention_ratio`` (mean over layers).
+
+Image tokens are found from the processor's output: positions where ``input_ids`` is the
+model's image token, in row-major order of the patch grid (LLaVA: the CLIP crop's
+``crop / patch`` grid; Qwen2-VL: ``image_grid_thw`` after the ``merge_size`` merger). The mask
+goes through the same resize / centre crop as the image (:func:`patch_coverage`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fire_mpo_core.config import EvaluateConfig
+from fire_mpo_core.corruption import corrupt, load_mask
+from fire_mpo_core.data.io import open_image, resolve_in_root
+from fire_mpo_core.data.records import VQARecord
+from fire_mpo_core.evaluation.clinical import clinical_spans
+from fire_mpo_core.evaluation.metrics import closed_correct, exact_match, normalize
+from fire_mpo_core.judge.lexicon import category_of
+from fire_mpo_core.models import encode_batch, generate, model_inputs
+
+#: Closed question types whose "yes" becomes "no" once every lesion is removed.
+_YES_TO_NO = frozenset({"presence", "quadrant", "count"})
+#: Open question types whose answer becomes "none" (zero lesions, no abnormality).
+_TO_NONE = frozenset({"count", "abnormality"})
+
+
+def removed_truth(record: VQARecord) -> str | None:
+    """The answer once every lesion of ``record`` is removed from its image, or None when it is
+    unknown (no mask, a question about the lesion's own attributes, or an answer that does not
+    change). Assumes ``record.mask`` covers every lesion (SynthLesion's union mask)."""
+    if not record.mask:
+        return None
+    qtype = record.question_type.strip().lower()
+    cat = category_of(qtype)
+    if record.answer_type == "closed":
+        if normalize(record.answer) == "yes" and (qtype in _YES_TO_NO or cat == "presence"):
+            return "no"
+        return None
+    if record.answer_type == "open" and (qtype in _TO_NONE or cat in _TO_NONE):
+        return None if normalize(record.answer) in ("none", "0", "zero") else "none"
+    return None
+
+
+def evenly(items: Sequence[Any], n: int) -> list[Any]:
+    """At most ``n`` items spread evenly over ``items`` (all of them if there are fewer)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def answer_correct(record: VQARecord, prediction: str, truth: str) -> bool:
+    """Closed: the yes/no regex shortcut / normalised match; open: normalised exact match."""
+    if record.answer_type == "closed":
+        return closed_correct(prediction, truth)
+    return exact_match(prediction, truth)
+
+
+def _mask(root, record: VQARecord, shape: tuple[int, int]) -> np.ndarray:
+    """The record's lesion mask as bool HxW at the image's size (nearest resize if needed)."""
+    m = load_mask(resolve_in_root(root, record.mask))
+    if m.shape != shape:
+        m = cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        m = m.astype(bool)
+    return m
+
+
+def lesion_removed(root, record: VQARecord, kind: str = "inpaint", seed: int = 0) -> Image.Image:
+    """The record's image with the lesion region corrupted by ``kind`` (inpaint: filled from
+    the surrounding tissue, so the lesion is gone), RGB."""
+    img = np.asarray(open_image(root, record.image))
+    out = corrupt(img, _mask(root, record, img.shape[:2]), kind, seed)
+    return Image.fromarray(out)
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model, processor, images: list[Image.Image], questions: list[str], answers: list[str], bs: int
+) -> list[float]:
+    """Sum of ``log p(answer tokens + EOS | image, question)`` per example, length N."""
+    out: list[float] = []
+    for s in range(0, len(questions), bs):
+        batch = encode_batch(
+            processor, images[s : s + bs], questions[s : s + bs], answers[s : s + bs]
+        )
+        logits = model(**_to_model(model, batch)).logits[:, :-1].float()  # [B, T-1, V]
+        labels = batch["labels"][:, 1:].to(logits.device)  # [B, T-1]
+        keep = labels != -100
+        lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        out.extend((lp * keep).sum(1).tolist())
+    return out
+
+
+def _to_model(model, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    inputs = {k: v.to(model.device) for k, v in model_inputs(dict(batch)).items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def image_token_id(model) -> int:
+    cfg = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(model).__name__} config names no image token id")
+
+
+def patch_coverage(
+    mask: np.ndarray, grid: tuple[int, int], crop: tuple[int, int, int] | None = None
+) -> np.ndarray:
+    """Share of each image token's patch inside the mask, row-major, shape ``[gh * gw]``.
+
+    Args:
+        mask: bool HxW at the original image's size.
+        grid: ``(gh, gw)`` image tokens the model sees.
+        crop: ``(shortest_edge, crop_h, crop_w)`` of a resize-then-centre-crop processor (CLIP);
+            None for a processor that resizes the whole image onto the grid (Qwen2-VL).
+    """
+    m = mask.astype(np.float32)
+    if crop is not None:
+        short, ch, cw = crop
+        scale = short / min(m.shape)
+        h0, w0 = min(m.shape[0], round(ch / scale)), min(m.shape[1], round(cw / scale))
+        top, left = (m.shape[0] - h0) // 2, (m.shape[1] - w0) // 2
+        m = m[top : top + h0, left : left + w0]
+    gh, gw = grid
+    return cv2.resize(m, (gw, gh), interpolation=cv2.INTER_AREA).reshape(-1)
+
+
+def _grid_and_crop(model, processor, batch, row: int, n_image: int):
+    ip = processor.image_processor
+    if "image_grid_thw" in batch:
+        _, h, w = (int(x) for x in batch["image_grid_thw"][row])
+        merge = int(getattr(ip, "merge_size", 2))
+        grid, crop = (h // merge, w // merge), None
+    else:
+        patch = int(model.config.vision_config.patch_size)
+        cs = getattr(ip, "crop_size", None) or {}
+        size = getattr(ip, "size", None) or {}
+        ch, cw = cs.get("height"), cs.get("width")
+        short = size.get("shortest_edge") or size.get("height")
+        if not (ch and cw and short):
+            raise ValueError(f"cannot infer the image grid of {type(ip).__name__}")
+        grid = (ch // patch, cw // patch)
+        crop = (short, ch, cw) if getattr(ip, "do_center_crop", False) else None
+    if grid[0] * grid[1] != n_image:
+        raise ValueError(f"image grid {grid} does not match {n_image} image tokens")
+    return grid, crop
+
+
+def lesion_attention_ratio(
+    attentions: Sequence[Tensor], query_pos: Tensor, image_pos: Tensor, coverage: Tensor
+) -> list[float]:
+    """Per-layer lesion attention ratio of one example (see the module docstring).
+
+    Args:
+        attentions: per layer ``[heads, T, T]`` attention probabilities (query, key).
+        query_pos: ``[Q]`` positions whose attention rows are read (those predicting the
+            clinical answer tokens).
+        image_pos: ``[K]`` positions of the image tokens, in patch-grid order.
+        coverage: ``[K]`` share of each image token's patch inside the lesion mask.
+
+    Returns:
+        ``L`` floats: ``(sum_k a_k f_k / sum_k a_k) / mean_k f_k`` with ``a_k`` the attention
+        on image token k averaged over heads and queries (NaN if the mask or the image
+        attention is empty).
+    """
+    f = coverage.double()
+    area = f.mean()
+    out = []
+    for att in attentions:
+        a = att.double()[:, query_pos][:, :, image_pos].mean(dim=(0, 1))  # [K]
+        total = a.sum()
+        if area <= 0 or total <= 0:
+            out.append(float("nan"))
+            continue
+        out.append(float((a * f).sum() / total / area))
+    return out
+
+
+@torch.no_grad()
+def attention_ratios(
+    model, processor, root, records: Sequence[VQARecord], bs: int
+) -> list[list[float] | str]:
+    """Per record, the per-layer lesion attention ratios, or a reason string when skipped."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = target.config._attn_implementation
+    target.set_attn_implementation("eager")  # sdpa / flash kernels return no weights
+    img_tok = image_token_id(target)
+    results: list[list[float] | str] = []
+    try:
+        for s in range(0, len(records), bs):
+            chunk = records[s : s + bs]
+            images = [open_image(root, r.image) for r in chunk]
+            batch = encode_batch(
+                processor,
+                images,
+                [r.question for r in chunk],
+                [r.answer for r in chunk],
+                [clinical_spans(r.answer) for r in chunk],
+            )
+            out = model(**_to_model(model, batch), output_attentions=True)
+            for i, r in enumerate(chunk):
+                ids = batch["input_ids"][i]
+                image_pos = (ids == img_tok).nonzero()[:, 0]
+                query_pos = batch["span_mask"][i].nonzero()[:, 0] - 1
+                if len(query_pos) == 0:
+                    results.append("no clinical answer token")
+                    continue
+                try:
+                    grid, crop = _grid_and_crop(target, processor, batch, i, len(image_pos))
+                except ValueError as e:
+                    results.append(str(e))
+                    continue
+                w, h = images[i].size
+                cov = patch_coverage(_mask(root, r, (h, w)), grid, crop)
+                layers = [a[i].cpu() for a in out.attentions]
+                results.append(
+                    lesion_attention_ratio(layers, query_pos, image_pos, torch.from_numpy(cov))
+                )
+    finally:
+        target.set_attn_implementation(previous)
+    return results
+
+
+def _mean(xs: Sequence[float], digits: int = 4) -> float | None:
+    xs = [x for x in xs if x == x]  # NaN-free
+    return round(sum(xs) / len(xs), digits) if xs else None
+
+
+def measure_grounding(
+    model,
+    processor,
+    root,
+    records: Sequence[VQARecord],
+    predictions: Mapping[str, str],
+    cfg: EvaluateConfig,
+) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
+    """Visual sensitivity, blind accuracy and lesion attention ratios (module docstring).
+
+    Args:
+        model, processor: the policy in eval mode.
+        root: dataset root of ``records``.
+        records: the evaluated records.
+        predictions: record id -> the model's answer with the real image (from the benchmark).
+        cfg: ``grounding_max_samples``, ``sensitivity_corruption``, ``blind_fill``,
+            ``batch_size``, ``max_new_tokens``.
+
+    Returns:
+        (flat metrics, per-sample rows for ``grounding.jsonl``).
+    """
+    n, bs = cfg.grounding_max_samples, cfg.batch_size
+    gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": bs}
+    score_bs = min(bs, 16)  # full-vocabulary logits: keep the batch small for real models
+    # Headline keys are always present (None: nothing in this split could be measured).
+    metrics: dict[str, float | int | None] = dict.fromkeys(
+        ("visual_sensitivity", "visual_flip_rate", "visual_logp_drop", "blind_accuracy",
+         "blind_gap", "lesion_attention_ratio")
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = []
+
+    # 1. Visual sensitivity on lesion-removed images.
+    sens = evenly([r for r in records if removed_truth(r) is not None], n)
+    if sens:
+        clean = [open_image(root, r.image) for r in sens]
+        removed = [lesion_removed(root, r, cfg.sensitivity_corruption) for r in sens]
+        qs, ys = [r.question for r in sens], [r.answer for r in sens]
+        preds = [o[0] for o in generate(model, processor, removed, qs, **gen)]
+        lp_v = answer_logprobs(model, processor, clean, qs, ys, score_bs)
+        lp_vp = answer_logprobs(model, processor, removed, qs, ys, score_bs)
+        follows, flips, drops = [], [], []
+        for r, p, a, b in zip(sens, preds, lp_v, lp_vp):
+            truth = removed_truth(r)
+            ok = answer_correct(r, p, truth)
+            before = predictions.get(r.id)
+            flip = before is not None and normalize(before) != normalize(p)
+            follows.append(float(ok))
+            flips.append(float(flip))
+            drops.append(a - b)
+            rows.append(
+                {"id": r.id, "measure": "sensitivity", "truth_removed": truth, "prediction": p,
+                 "prediction_clean": before, "follows": ok, "logp_clean": a, "logp_removed": b}
+            )  # fmt: skip
+        metrics |= {
+            "visual_sensitivity": _mean(follows),
+            "visual_flip_rate": _mean(flips),
+            "visual_logp_drop": _mean(drops, 6),  # small on a model that ignores the lesion
+        }
+    metrics["n_visual_sensitivity"] = len(sens)
+
+    # 2. Blind accuracy: closed questions on a blank image of the original size.
+    blind = evenly([r for r in records if r.answer_type == "closed"], n)
+    if blind:
+        blanks = []
+        for r in blind:
+            w, h = open_image(root, r.image).size
+            blanks.append(Image.new("RGB", (w, h), (cfg.blind_fill,) * 3))
+        preds = [
+            o[0] for o in generate(model, processor, blanks, [r.question for r in blind], **gen)
+        ]
+        right = [float(closed_correct(p, r.answer)) for r, p in zip(blind, preds)]
+        seen = [
+            float(closed_correct(predictions[r.id], r.answer)) for r in blind if r.id in predictions
+        ]
+        for r, p, ok in zip(blind, preds, right):
+            rows.append({"id": r.id, "measure": "blind", "prediction": p, "correct": bool(ok)})
+        metrics["blind_accuracy"] = _mean(right)
+        if len(seen) == len(right):
+            metrics["blind_gap"] = round(sum(seen) / len(seen) - sum(right) / len(right), 4)
+    metrics["n_blind"] = len(blind)
+
+    # 3. Lesion attention ratio per layer, on clinical answer tokens.
+    att = evenly([r for r in records if r.mask and clinical_spans(r.answer)], n)
+    per_layer: list[list[float]] = []
+    for r, res in zip(att, attention_ratios(model, processor, root, att, min(bs, 8))):
+        if isinstance(res, str):
+            rows.append({"id": r.id, "measure": "attention", "skipped": res})
+            continue
+        per_layer.append(res)
+        rows.append({"id": r.id, "measure": "attention", "ratios": res})
+    if per_layer:
+        for layer, vals in enumerate(zip(*per_layer)):
+            metrics[f"lesion_attention_ratio_l{layer}"] = _mean(vals)
+        metrics["lesion_attention_ratio"] = _mean([x for res in per_layer for x in res])
+    metrics["n_lesion_attention"] = len(per_layer)
+    return metrics, rows
