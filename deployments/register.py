@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,10 @@ POOLS = {
 }
 #: One flow run at a time on the GPU pool: one model fills the GPU.
 POOL_LIMITS = {GPU_POOL: 1}
+#: Task tag of the model-heavy stages (sft, sample, reference, train, evaluate) and how many may
+#: run at once across all flow runs of this server (FIRE_MPO_COMPUTE_LIMIT; created once, a
+#: value changed later in the UI or with `prefect concurrency-limit` is kept).
+COMPUTE_TAG = "compute"
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,18 @@ def ensure_pools() -> None:
                 )
 
 
+def ensure_compute_limit(limit: int | None = None) -> int:
+    """Create the `compute` tag's concurrency limit if it is missing; returns its value."""
+    if limit is None:
+        limit = int(os.environ.get("FIRE_MPO_COMPUTE_LIMIT", "1"))
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_concurrency_limit_by_tag(COMPUTE_TAG).concurrency_limit
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag=COMPUTE_TAG, concurrency_limit=limit)
+            return limit
+
+
 def _existing_schedules(full_name: str) -> list[DeploymentSchedule]:
     """The schedules of a deployment already on the server ([] if it is not there)."""
     with get_client(sync_client=True) as client:
@@ -238,6 +255,7 @@ def register(repo: Path = REPO, only: Sequence[str] | None = None) -> dict[str, 
     if unknown:
         raise ValueError(f"unknown deployment(s) {unknown}; known: {[s.name for s in specs()]}")
     ensure_pools()
+    ensure_compute_limit()
     ids: dict[str, UUID] = {}
     for spec in specs():
         if only and spec.name not in only:
@@ -280,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.list:
         ids = register(only=args.only)
         print(f"Registered {len(ids)} deployments on work pools {', '.join(POOLS)}:")
+        n = ensure_compute_limit()
+        print(f"  tag `{COMPUTE_TAG}`: at most {n} model-heavy task run(s) at once")
     print(describe())
     return 0
 

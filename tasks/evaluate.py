@@ -79,4 +79,5 @@ evaluate = stage_task(
         "fire_mpo_core.corruption",
         "fire_mpo_core.openai_client",
     ],
+    tags=["compute"],
 )

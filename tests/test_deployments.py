@@ -34,7 +34,15 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.callables import parameter_schema
 
-from deployments.register import GPU_POOL, GPU_REPO_ENV, NEXT_ROUND_SLUG, POOL, REPO, register
+from deployments.register import (
+    GPU_POOL,
+    GPU_REPO_ENV,
+    NEXT_ROUND_SLUG,
+    POOL,
+    REPO,
+    ensure_compute_limit,
+    register,
+)
 from fire_mpo_core.config import STAGES
 from fire_mpo_core.store import ArtifactStore
 from flows.full_cycle import fire_mpo, parse_args
@@ -110,6 +118,23 @@ def test_deployments_have_the_names_users_run(registered):
         assert dep.parameters == {"stage": stage}
         prop = dep.parameter_openapi_schema["properties"]["stage"]
         assert prop["readOnly"] is True and prop["enum"] == [stage]
+
+
+def test_compute_tag_limit_is_created_once_and_kept(registered):
+    """Model-heavy stages share the `compute` tag; its limit is created by `register` and a
+    value the user set later survives registering again."""
+    from tasks.evaluate import evaluate
+    from tasks.train import train
+
+    assert "compute" in train.tags and "compute" in evaluate.tags
+    with get_client(sync_client=True) as client:
+        assert client.read_concurrency_limit_by_tag("compute").concurrency_limit == 1
+        client.create_concurrency_limit(tag="compute", concurrency_limit=3)  # upsert, as the CLI
+    assert ensure_compute_limit() == 3
+    register(only=["full-cycle"])
+    with get_client(sync_client=True) as client:
+        assert client.read_concurrency_limit_by_tag("compute").concurrency_limit == 3
+        client.create_concurrency_limit(tag="compute", concurrency_limit=1)
 
 
 def test_registering_again_updates_in_place(registered):
