@@ -431,3 +431,16 @@ def test_make_stop_stops_worker_then_server(served):
     # Stopping twice is harmless.
     out, _ = _sh([*served.make, "stop"], served.env, 60)
     assert out.returncode == 0 and "No worker to stop" in out.stdout
+
+
+def test_prefect_yaml_is_generated_from_the_specs():
+    """prefect.yaml (for `prefect deploy --all`) is the register specs, regenerated."""
+    from deployments.register import PREFECT_YAML, prefect_yaml
+
+    assert PREFECT_YAML.read_text() == prefect_yaml(), (
+        "prefect.yaml is stale: python -m deployments.register --write-prefect-yaml"
+    )
+    deps = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+    assert {f"fire-mpo/{d['name']}" for d in deps} == EXPECTED
+    for d in deps:  # what `prefect deploy` imports: the flow named fire-mpo
+        assert load_flow_from_entrypoint(d["entrypoint"]).name == "fire-mpo"
