@@ -81,6 +81,12 @@ class ModelConfig(_Cfg):
     arch: Literal["llava", "qwen2_vl"] = Field(
         default="llava", description="Architecture of the tiny model built when no path is given."
     )
+    model_type: str | None = Field(
+        default=None,
+        description="transformers model_type of the checkpoint at name_or_path (e.g. qwen2_5_vl, "
+        "qwen3_vl); checked at load time against transformers' image-text-to-text auto mapping, "
+        "without downloading anything. None: not checked.",
+    )
     hidden_size: int = Field(default=192, ge=16, description="Tiny LM hidden size.")
     num_layers: int = Field(default=2, ge=1, description="Tiny LM decoder layers.")
     num_heads: int = Field(default=4, ge=1, description="Tiny LM attention heads.")
@@ -103,6 +109,17 @@ class ModelConfig(_Cfg):
                 f"hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_heads ({self.num_heads})"
             )
+        if self.model_type is not None:
+            from transformers.models.auto.modeling_auto import (
+                MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as IMAGE_TEXT,
+            )
+
+            if self.model_type not in IMAGE_TEXT:
+                raise ValueError(
+                    f"model_type={self.model_type!r} is not an image-text-to-text architecture "
+                    "of this transformers version (AutoModelForImageTextToText); known e.g. "
+                    "qwen2_5_vl, qwen3_vl, qwen2_vl, llava"
+                )
         return self
 
 

@@ -5,6 +5,11 @@ is corrupted once, deterministically, into `images/<id>.png`; output `data.jsonl
 with `corrupted_image` set (relative to this folder), `quality.jsonl` the per-image checks
 (changed fraction inside / outside the mask, SSIM inside), and `hf_dataset/` the pairs in TRL's
 vision preference columns plus our span columns.
+
+With `corrupt.shards: N > 1` the distinct images are split into N contiguous shards corrupted by
+parallel `corrupt-shard` tasks (:mod:`tasks.shards`: threads, or Dask workers that share the
+store's filesystem), each writing its PNGs into `images/`; results merge in shard order and the
+output is byte-identical to the unsharded run.
 """
 
 from __future__ import annotations
@@ -12,15 +17,33 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from pathlib import Path
 
-import cv2
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from fire_mpo_core.corruption import CorruptConfig, CorruptItem, iter_corrupt, prompt_from_qa
+from fire_mpo_core.corruption import CorruptConfig, CorruptItem, prompt_from_qa
+from fire_mpo_core.corruption.batch import CorruptResult, corrupt_to_files, merge_corrupted
 from fire_mpo_core.data.io import resolve_in_root
 from fire_mpo_core.data.records import PreferencePair
 from fire_mpo_core.judge.export import export_hf_dataset
 from fire_mpo_core.store import DATA, StageWriter, read_jsonl, write_jsonl
 from tasks.common import StageCall, stage_task
+from tasks.shards import run_shards, shard_bounds
+
+
+@task(
+    name="corrupt-shard",
+    task_run_name="corrupt-shard-{index}",
+    cache_policy=NO_CACHE,  # the stage folder is the cache; a retry rewrites the same PNGs
+    persist_result=False,
+    retries=1,
+)
+def corrupt_shard_task(
+    index: int, items: list[CorruptItem], config: CorruptConfig, image_dir: Path
+) -> list[CorruptResult]:
+    """One shard of the corrupt stage (``index`` only names the task run)."""
+    return corrupt_to_files(items, config, image_dir)
 
 
 def _item_id(image: str, source: str | None) -> str:
@@ -45,15 +68,24 @@ def body(call: StageCall, w: StageWriter) -> dict:
         iid = _item_id(p.image, p.mask or prompt)
         items.setdefault(iid, CorruptItem(id=iid, image=image, mask=mask, prompt=prompt))
         pair_item[p.id] = iid
-    (w.path / "images").mkdir()
+    image_dir = w.path / "images"
+    image_dir.mkdir()
+    todo = list(items.values())
+    if cfg.shards > 1:
+        params = [
+            {"index": i, "items": todo[a:b], "config": cfg, "image_dir": image_dir}
+            for i, (a, b) in enumerate(shard_bounds(len(todo), cfg.shards))
+        ]
+        results = merge_corrupted(run_shards(corrupt_shard_task, params))
+    else:
+        results = corrupt_to_files(todo, cfg, image_dir)
     ok: set[str] = set()
     paths: Counter[str] = Counter()
     with (w.path / "quality.jsonl").open("w") as q:
-        for res in iter_corrupt(list(items.values()), cfg):
+        for res in results:
             if res.error is not None:
                 w.reject(res.id, f"corruption failed: {res.error}")
                 continue
-            cv2.imwrite(str(w.path / "images" / f"{res.id}.png"), _bgr(res.image))
             q.write(json.dumps({"id": res.id, **res.info}, sort_keys=True, default=str) + "\n")
             paths[str(res.info.get("path", "unknown"))] += 1
             ok.add(res.id)
@@ -75,12 +107,8 @@ def body(call: StageCall, w: StageWriter) -> dict:
     }
 
 
-def _bgr(image):
-    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-
-
 corrupt = stage_task(
     "corrupt",
     body,
-    ["tasks.corrupt", "fire_mpo_core.corruption", "fire_mpo_core.judge.export"],
+    ["tasks.corrupt", "tasks.shards", "fire_mpo_core.corruption", "fire_mpo_core.judge.export"],
 )

@@ -5,6 +5,11 @@ log-probs) and `policy` (round 1: the SFT base; round k: round k-1's adapter, tr
 Output `adapter/` (PEFT safetensors), `metrics.jsonl`, TensorBoard events, `policy.json`.
 The working folder is resumable: a retried or restarted run continues from its last
 checkpoint, never from step 0.
+
+`train.num_processes: N > 1` runs the trainer data-parallel through `accelerate launch`
+(:mod:`fire_mpo_core.training.launch`): the ranks' log lines go to this task's log, rank 0's
+per-step progress to the progress artifact, and a failing rank fails the task with its
+traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from fire_mpo_core.faults import fault_point
 from fire_mpo_core.policy import PolicyRef, read_policy, write_policy
 from fire_mpo_core.store import StageWriter
 from fire_mpo_core.training.config import TrainConfig
+from fire_mpo_core.training.launch import launch_training
 from fire_mpo_core.training.preference import train_preference
 from tasks.common import StageCall, stage_task
 
@@ -28,8 +36,9 @@ def body(call: StageCall, w: StageWriter) -> dict:
 
     def on_step(step: int, total: int, metrics: dict) -> None:
         update_progress_artifact(progress, 100.0 * step / max(1, total))
+        fault_point("train.step")  # crash-safety tests kill here (no-op unless set)
 
-    out = train_preference(
+    args = (
         policy,
         call.inputs["corrupt"],
         call.inputs["prepare"],
@@ -37,8 +46,12 @@ def body(call: StageCall, w: StageWriter) -> dict:
         call.inputs["reference"],
         cfg,
         w.path,
-        on_step=on_step,
     )
+    if cfg.num_processes > 1:
+        logger = get_run_logger()
+        out = launch_training(*args, on_step=on_step, on_line=logger.info)
+    else:
+        out = train_preference(*args, on_step=on_step)
     for r in out["rejects"]:
         w.reject(r["id"], r["reason"])
     adapter = Path(out["policy"]["adapter"])

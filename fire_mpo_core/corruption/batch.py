@@ -29,6 +29,14 @@ Batch::
     for res in corrupt_many(items, cfg):       # CorruptResult, in input order
         res.image, res.info, res.error          # error: None, or why this record failed
 
+Sharded stage (``cfg.shards``): :func:`corrupt_to_files` corrupts one contiguous shard of items
+and writes each image as ``<image_dir>/<id>.png`` (results keep `info` and `error`, not the
+array); :func:`merge_corrupted` concatenates the shards' results in shard order, i.e. input
+order. The unsharded stage is the one-shard case, so both write the same bytes::
+
+    parts = [corrupt_to_files(items[a:b], cfg, out / "images") for a, b in bounds]  # parallel
+    results = merge_corrupted(parts)
+
 Each record's seed is derived from `cfg.seed` and its id with BLAKE2b (:func:`derive_seed`), never
 Python's salted `hash()`, so a record gets the same corruption whatever the worker count, chunk
 size or order. A failing record (unreadable file, mask of the wrong size, over `max_pixels`)
@@ -143,6 +151,15 @@ class CorruptConfig(BaseModel):
     )
     quality: bool = Field(
         default=True, description="Compute quality numbers per image into info['quality']."
+    )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Split the images into this many contiguous shards corrupted in parallel as "
+        "Prefect tasks (threads, or a Dask cluster sharing the store's filesystem: docs/gpu.md), "
+        "each with its own num_workers pool; 1 corrupts in the stage task. The output is "
+        "byte-identical for any value.",
     )
 
     @field_validator("kind")
@@ -400,3 +417,31 @@ def corrupt_many(
 ) -> list[CorruptResult]:
     """All results of :func:`iter_corrupt` as a list, in input order."""
     return list(iter_corrupt(items, cfg, executor))
+
+
+def corrupt_to_files(
+    items: Sequence[CorruptItem | dict], cfg: CorruptConfig, image_dir: str | Path
+) -> list[CorruptResult]:
+    """Corrupt one shard of `items` and write each success as ``image_dir/<id>.png``.
+
+    Returns the results in input order with ``image`` set to None (the pixels are on disk, so
+    a shard's return value stays small when it crosses a process or machine boundary); a
+    failed record keeps its `error` and writes nothing. PNG encoding is lossless and
+    deterministic, so the file bytes depend only on the record and `cfg`.
+    """
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for res in iter_corrupt(items, cfg):
+        if res.error is None:
+            image = res.image
+            bgr = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+            if not cv2.imwrite(str(image_dir / f"{res.id}.png"), bgr):
+                res = CorruptResult(id=res.id, image=None, error=f"could not write {res.id}.png")
+        out.append(CorruptResult(id=res.id, image=None, info=res.info, error=res.error))
+    return out
+
+
+def merge_corrupted(parts: Iterable[Sequence[CorruptResult]]) -> list[CorruptResult]:
+    """Concatenate shard results in shard order: with contiguous shards, input order."""
+    return [res for part in parts for res in part]

@@ -8,15 +8,24 @@ counterfactual (rejected); the changed spans are marked on both sides.
     judge = build_judge(JudgeConfig(), records)
     pairs, rejects = judge_rollouts(judge, records, rollouts)
 
+Sharding (``JudgeConfig.shards``): :func:`judge_shard` judges one contiguous slice of the
+rollouts with a judge built exactly as the unsharded run builds it (same config, all records),
+and :func:`merge_judged` concatenates the shards' outputs in shard order. Every verdict depends
+only on (config, record, rollout) (counterfactual seeds come from :func:`stable_seed`), so the
+merged output equals the unsharded one, pair for pair and byte for byte once written::
+
+    parts = [judge_shard(cfg, records, rollouts[a:b]) for a, b in bounds]   # in parallel
+    pairs, rejects = merge_judged(parts)
+
 Registry: :data:`JUDGES` maps ``JudgeConfig.name`` to a class built as ``cls(config, records)``;
 a new judge is one class and one line here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from fire_mpo_core.data.records import VQARecord
+from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge.base import (
     Judge,
     JudgeConfig,
@@ -42,6 +51,26 @@ def build_judge(config: JudgeConfig, records: Sequence[VQARecord] = ()) -> Judge
     return JUDGES[config.name](config, records)
 
 
+def judge_shard(
+    config: JudgeConfig, records: Sequence[VQARecord], rollouts: Sequence[Rollout]
+) -> tuple[list[PreferencePair], list[Rejection]]:
+    """Judge one shard of rollouts: :func:`build_judge` on every record (the answer vocabulary
+    is the dataset's, not the shard's), then :func:`judge_rollouts`. Pure per rollout."""
+    return judge_rollouts(build_judge(config, records), records, rollouts)
+
+
+def merge_judged(
+    parts: Iterable[tuple[list[PreferencePair], list[Rejection]]],
+) -> tuple[list[PreferencePair], list[Rejection]]:
+    """Concatenate shard outputs in shard order: with contiguous shards, rollout order."""
+    pairs: list[PreferencePair] = []
+    rejects: list[Rejection] = []
+    for shard_pairs, shard_rejects in parts:
+        pairs.extend(shard_pairs)
+        rejects.extend(shard_rejects)
+    return pairs, rejects
+
+
 __all__ = [
     "JUDGES",
     "Judge",
@@ -52,6 +81,8 @@ __all__ = [
     "RulesJudge",
     "build_judge",
     "judge_rollouts",
+    "judge_shard",
+    "merge_judged",
     "stable_seed",
     "validate_pair",
 ]

@@ -90,6 +90,16 @@ class JudgeConfig(BaseModel):
             "the same rollout gets the same pair in any process."
         ),
     )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description=(
+            "Split the rollouts into this many contiguous shards judged in parallel as Prefect "
+            "tasks (threads, or a Dask cluster: docs/gpu.md); 1 judges in the stage task. The "
+            "merged output is byte-identical for any value."
+        ),
+    )
 
     @field_validator("name")
     @classmethod

@@ -45,6 +45,14 @@ class VLLMSamplingConfig(_Cfg):
     """The `vllm` engine: offline ``vllm.LLM`` on GPUs (the optional `gpu` extra)."""
 
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per model replica.")
+    data_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="Model replicas, each on tensor_parallel_size GPUs. Offline `vllm` engine: "
+        "1 only (one LLM per process); for more, start `vllm serve --data-parallel-size N` "
+        "(fire_mpo_core.sampling.vllm_engine.vllm_serve_command, docs/gpu.md) and sample with "
+        "engine 'openai'.",
+    )
     gpu_memory_utilization: float = Field(
         default=0.9, gt=0, le=1, description="Share of GPU memory vLLM may take (KV cache incl.)."
     )
@@ -97,6 +105,12 @@ class SampleConfig(_Cfg):
 
     @model_validator(mode="after")
     def _consistent(self) -> SampleConfig:
+        if self.engine == "vllm" and self.vllm.data_parallel_size > 1:
+            raise ValueError(
+                f"vllm.data_parallel_size={self.vllm.data_parallel_size} needs a server: the "
+                "offline engine='vllm' runs one replica; start `vllm serve --data-parallel-size "
+                "N` (docs/gpu.md) and set engine='openai', or set data_parallel_size=1"
+            )
         if self.temperature == 0 and self.n > 1:
             raise ValueError(
                 f"temperature=0 (greedy) gives one answer per prompt, but n={self.n}: "

@@ -10,11 +10,25 @@ training use), with one image placeholder that vLLM expands itself; the image go
      "multi_modal_data": {"image": <PIL.Image>}}
 
 The adapter is served with ``LLM(enable_lora=True, max_lora_rank=...)`` and one
-``LoRARequest`` per round, so the base weights stay loaded and unmerged.
+``LoRARequest`` per round, so the base weights stay loaded and unmerged; each round's adapter
+gets its own name and integer id (:func:`lora_request_args`, a hash of the adapter path), so an
+engine or server that lives across rounds swaps adapters instead of serving a stale one.
+
+The option mapping is pure and importable without vLLM: :func:`vllm_engine_kwargs` (what
+``vllm.LLM(**kwargs)`` gets) and :func:`vllm_serve_command` (the ``vllm serve`` argv of an
+OpenAI-compatible server with the round's adapter, for ``engine: openai`` and data-parallel
+replicas)::
+
+    python -c "from fire_mpo_core.sampling.vllm_engine import vllm_serve_command as c; \
+               from fire_mpo_core.config import load_config; from fire_mpo_core.policy import \
+               PolicyRef; import shlex; cfg = load_config('configs/gpu/qwen2_5_vl_7b.yaml'); \
+               print(shlex.join(c(cfg.sample, PolicyRef(base=cfg.model.name_or_path))))"
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,7 +45,14 @@ from fire_mpo_core.sampling.base import (
 )
 from fire_mpo_core.sampling.config import SampleConfig
 
-__all__ = ["VLLM_MISSING", "VLLMEngine", "build_vllm_inputs"]
+__all__ = [
+    "VLLM_MISSING",
+    "VLLMEngine",
+    "build_vllm_inputs",
+    "lora_request_args",
+    "vllm_engine_kwargs",
+    "vllm_serve_command",
+]
 
 VLLM_MISSING = (
     "the 'vllm' sampling engine needs vLLM, an optional GPU extra that is not installed: "
@@ -72,6 +93,92 @@ def build_vllm_inputs(
     return out
 
 
+def lora_request_args(policy: PolicyLike) -> tuple[str, int, str] | None:
+    """``(lora_name, lora_int_id, lora_path)`` of the policy's adapter, or None without one.
+
+    Name and id derive from the adapter path (BLAKE2b), so round k and round k+1 never share an
+    id: vLLM caches adapters by id, and a reused id would keep serving the old round's weights.
+    """
+    adapter = getattr(policy, "adapter", None)
+    if not adapter:
+        return None
+    digest = hashlib.blake2b(str(adapter).encode(), digest_size=4).hexdigest()
+    return f"policy-{digest}", 1 + int(digest, 16) % (2**31 - 2), str(adapter)
+
+
+def vllm_engine_kwargs(cfg: SampleConfig, policy: PolicyLike) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for ``cfg.vllm`` and the policy (no vLLM import)."""
+    v = cfg.vllm
+    kwargs: dict[str, Any] = {
+        "model": str(policy.base),
+        "dtype": v.dtype,
+        "seed": cfg.seed,
+        "tensor_parallel_size": v.tensor_parallel_size,
+        "gpu_memory_utilization": v.gpu_memory_utilization,
+        "max_num_seqs": v.max_num_seqs,
+        "enable_prefix_caching": v.enable_prefix_caching,
+        "limit_mm_per_prompt": {"image": 1},
+        "trust_remote_code": bool(getattr(policy, "trust_remote_code", False)),
+    }
+    if v.max_model_len is not None:
+        kwargs["max_model_len"] = v.max_model_len
+    if getattr(policy, "adapter", None):
+        kwargs.update(enable_lora=True, max_lora_rank=v.max_lora_rank, max_loras=1)
+    return kwargs
+
+
+def vllm_serve_command(
+    cfg: SampleConfig,
+    policy: PolicyLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str = "base",
+) -> list[str]:
+    """``vllm serve`` argv of an OpenAI-compatible server with the same engine options as the
+    offline engine, ``cfg.vllm.data_parallel_size`` replicas, and the round's adapter served
+    under its :func:`lora_request_args` name (request ``model=<that name>`` to sample the policy,
+    ``model=<served_model_name>`` for the base)."""
+    kw = vllm_engine_kwargs(cfg, policy)
+    v = cfg.vllm
+    cmd = [
+        "vllm",
+        "serve",
+        kw["model"],
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--served-model-name",
+        served_model_name,
+        "--dtype",
+        v.dtype,
+        "--seed",
+        str(cfg.seed),
+        "--tensor-parallel-size",
+        str(v.tensor_parallel_size),
+        "--data-parallel-size",
+        str(v.data_parallel_size),
+        "--gpu-memory-utilization",
+        str(v.gpu_memory_utilization),
+        "--max-num-seqs",
+        str(v.max_num_seqs),
+        "--enable-prefix-caching" if v.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--limit-mm-per-prompt",
+        json.dumps(kw["limit_mm_per_prompt"]),
+    ]
+    if v.max_model_len is not None:
+        cmd += ["--max-model-len", str(v.max_model_len)]
+    if kw["trust_remote_code"]:
+        cmd.append("--trust-remote-code")
+    lora = lora_request_args(policy)
+    if lora is not None:
+        name, _, path = lora
+        cmd += ["--enable-lora", "--max-lora-rank", str(v.max_lora_rank)]
+        cmd += ["--lora-modules", f"{name}={path}"]
+    return cmd
+
+
 class VLLMEngine:
     """Sampling with offline vLLM; needs a GPU and the `gpu` extra."""
 
@@ -86,29 +193,14 @@ class VLLMEngine:
         from fire_mpo_core.models import load_processor
 
         trust = bool(getattr(policy, "trust_remote_code", False))
-        v = cfg.vllm
         self.cfg = cfg
         self.n = cfg.n
         self.model_key = model_key or policy.adapter or policy.base
         self.processor = load_processor(policy.base, trust_remote_code=trust)
-        engine_args: dict[str, Any] = {
-            "model": policy.base,
-            "dtype": v.dtype,
-            "seed": cfg.seed,
-            "tensor_parallel_size": v.tensor_parallel_size,
-            "gpu_memory_utilization": v.gpu_memory_utilization,
-            "max_num_seqs": v.max_num_seqs,
-            "enable_prefix_caching": v.enable_prefix_caching,
-            "limit_mm_per_prompt": {"image": 1},
-            "trust_remote_code": trust,
-        }
-        if v.max_model_len is not None:
-            engine_args["max_model_len"] = v.max_model_len
-        if policy.adapter:
-            engine_args.update(enable_lora=True, max_lora_rank=v.max_lora_rank, max_loras=1)
-        self.llm = vllm.LLM(**engine_args)
-        # One adapter per round: a fixed name/id is enough inside one engine's lifetime.
-        self.lora = LoRARequest("policy", 1, policy.adapter) if policy.adapter else None
+        self.engine_kwargs = vllm_engine_kwargs(cfg, policy)
+        self.llm = vllm.LLM(**self.engine_kwargs)
+        lora = lora_request_args(policy)
+        self.lora = LoRARequest(*lora) if lora is not None else None
         greedy = cfg.temperature == 0
         self.params = vllm.SamplingParams(
             n=cfg.n,

@@ -31,6 +31,10 @@ Usage::
     batch = build_branch_batch(processor, pairs[:8], images, max_length=256)
     feats = encode_images(model, batch)                     # one tensor per distinct image
     hidden = forward_hidden(model, batch, image_features=feats)   # [R, T, H]
+
+Length grouping: :func:`length_grouped_permutation` orders an epoch so that each micro-batch
+holds pairs of similar :func:`pair_length` (``TrainConfig.group_by_length``); every batch is
+padded only to its own longest row, so grouping cuts the padded tokens the model computes on.
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ __all__ = [
     "encode_images",
     "forward_hidden",
     "hf_model",
+    "length_grouped_permutation",
     "load_pairs",
     "missing_image",
+    "pair_length",
     "pair_problem",
     "select_image_inputs",
     "shifted_targets",
@@ -423,3 +429,46 @@ def shifted_targets(batch: BranchBatch, rows: Tensor, width: int) -> tuple[Tenso
     labels = batch.encoded["labels"][rows, 1:width]
     span = batch.encoded["span_mask"][rows, 1:width] & (labels != IGNORE_INDEX)
     return labels, span
+
+
+# --------------------------------------------------------------------------- length grouping
+
+
+def pair_length(pair: PreferencePair) -> int:
+    """A cheap proxy of a pair's padded row length: question plus the longer response, in
+    characters (the image tokens are the same for every row of a model, so they do not sort)."""
+    return len(pair.question) + max(len(pair.chosen), len(pair.rejected))
+
+
+def length_grouped_permutation(
+    lengths: Sequence[int],
+    batch_size: int,
+    generator: torch.Generator,
+    mega_batches: int = 50,
+) -> list[int]:
+    """A random order whose consecutive ``batch_size`` slices hold pairs of similar length.
+
+    As ``transformers``' ``LengthGroupedSampler``: shuffle, cut into mega-batches of
+    ``mega_batches * batch_size`` items, sort each by length (longest first), then shuffle the
+    order of the resulting batches (the first batch stays the longest, so an out-of-memory shows
+    at step 1). Each batch pads to its own longest row, so grouping removes most of the padding
+    that a random order puts into every batch. Deterministic for a generator state.
+
+    Args:
+        lengths: [N] per-item lengths (e.g. :func:`pair_length`).
+        batch_size: items per batch.
+        generator: the seeded source of randomness (the data order's).
+        mega_batches: batches per sorted group; larger groups pad less and shuffle less.
+
+    Returns:
+        A permutation of ``range(N)``.
+    """
+    n = len(lengths)
+    perm = torch.randperm(n, generator=generator).tolist()
+    mega = max(1, mega_batches * batch_size)
+    groups = [sorted(perm[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, n, mega)]
+    batches = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    if len(batches) > 1:
+        order = torch.randperm(len(batches) - 1, generator=generator).add(1).tolist()
+        batches = [batches[0], *(batches[i] for i in order)]
+    return [i for b in batches for i in b]

@@ -87,7 +87,12 @@ class TrainConfig(_Cfg):
         default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
     batch_size: int = Field(
-        default=8, ge=1, description="Pairs per forward pass (each pair is 2 to 4 sequences)."
+        default=8,
+        ge=1,
+        description=(
+            "Pairs per forward pass over all processes (each pair is 2 to 4 sequences); with "
+            "num_processes > 1 each process scores an equal contiguous share of it."
+        ),
     )
     grad_accum: int = Field(
         default=1, ge=1, description="Forward passes accumulated per optimizer step."
@@ -149,8 +154,39 @@ class TrainConfig(_Cfg):
             "reference on every branch in every step."
         ),
     )
+    group_by_length: bool = Field(
+        default=False,
+        description=(
+            "Order each epoch so that a micro-batch holds pairs of similar length "
+            "(training.batching.length_grouped_permutation): less padding per batch, a less "
+            "uniform shuffle. False: a plain seeded random order."
+        ),
+    )
     merge_adapter: bool = Field(
         default=False, description="Also save the base with the adapter merged in (out_dir/merged)."
+    )
+    num_processes: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Data-parallel processes: 1 trains in the calling process; N > 1 runs `accelerate "
+            "launch` with N processes (one per GPU, or gloo CPU processes without CUDA) and "
+            "sums the LoRA gradients across them each step."
+        ),
+    )
+    accelerate_config: str | None = Field(
+        default=None,
+        description=(
+            "accelerate config YAML for the launch (e.g. configs/accelerate/ddp_gpu.yaml); its "
+            "num_processes and mixed_precision are overridden by num_processes and dtype. "
+            "None: a plain multi-process launch on this machine."
+        ),
+    )
+    main_process_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Rendezvous port of the launched processes; None picks a free one.",
     )
 
     @model_validator(mode="after")
@@ -159,6 +195,17 @@ class TrainConfig(_Cfg):
             raise ValueError(
                 f"chunk_size={self.chunk_size} only applies to the fused path, but "
                 "use_fused=False; set use_fused=True or leave chunk_size unset"
+            )
+        if self.num_processes > self.batch_size:
+            raise ValueError(
+                f"num_processes={self.num_processes} exceeds batch_size={self.batch_size}: the "
+                "batch is split across processes and some would get no pair; raise batch_size "
+                "or lower num_processes"
+            )
+        if self.accelerate_config is not None and self.num_processes == 1:
+            raise ValueError(
+                f"accelerate_config={self.accelerate_config!r} is only used to launch "
+                "num_processes > 1, but num_processes=1; set num_processes or drop the file"
             )
         if (
             self.save_every is not None

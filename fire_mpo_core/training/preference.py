@@ -26,7 +26,14 @@ Outputs under ``out_dir``: ``adapter/`` (peft ``save_pretrained``, safetensors),
 every ``save_every`` steps while training (removed after a successful finish), ``merged/`` when
 ``merge_adapter``. A run stopped at any point and started again with the same arguments resumes
 from its newest checkpoint and ends with the same adapter, bit for bit, as one that never stopped.
-Single process (one device); multi-GPU data parallelism is not implemented.
+
+Data parallel: started by ``accelerate launch`` in N processes (``TrainConfig.num_processes``;
+:mod:`fire_mpo_core.training.launch` does the launching), every rank draws the same global
+micro-batch of ``batch_size`` pairs, scores its contiguous share, and the LoRA gradients are
+summed across ranks once per optimizer step (:mod:`fire_mpo_core.training.distributed`), so the
+update is the one a single process makes on the whole batch, up to float summation order. Rank
+0 alone writes metrics, checkpoints, the adapter and the merged model; dropout is seeded per
+(step, rank), so a resumed N-process run also matches its uninterrupted self bit for bit.
 """
 
 from __future__ import annotations
@@ -80,6 +87,14 @@ from fire_mpo_core.training.checkpoint import (
     save_checkpoint,
 )
 from fire_mpo_core.training.config import LoRAConfig, ReferenceConfig, TrainConfig
+from fire_mpo_core.training.distributed import (
+    DistInfo,
+    barrier,
+    gather_sums,
+    rank_share,
+    step_seed,
+    sum_gradients,
+)
 from fire_mpo_core.training.reference import (
     BranchReference,
     ReferenceTable,
@@ -440,6 +455,18 @@ class _Meter:
         for key, values in _loss_parts(cfg, out).items():
             self.add(key, values)
 
+    def merge(self, world: DistInfo) -> None:
+        """Replace this rank's sums and weights by those of all ranks (every rank calls it)."""
+        merged = gather_sums(
+            {
+                **{f"s:{k}": v for k, v in self.sums.items()},
+                **{f"w:{k}": v for k, v in self.weights.items()},
+            },
+            world,
+        )
+        self.sums = {k[2:]: v for k, v in merged.items() if k.startswith("s:")}
+        self.weights = {k[2:]: v for k, v in merged.items() if k.startswith("w:")}
+
     def means(self) -> dict[str, float]:
         return {k: (self.sums[k] / w if w else 0.0) for k, w in self.weights.items()}
 
@@ -502,15 +529,18 @@ def _load_reference(
     out_dir: Path,
 ) -> ReferenceTable:
     if reference_path is None:
-        info = compute_reference_logprobs(
-            policy,
-            pairs,
-            image_root,
-            corrupt_root,
-            ReferenceConfig.for_training(cfg),
-            out_dir / "reference",
-        )
-        reference_path = info["path"]
+        world = DistInfo.current()
+        if world.is_main:  # one rank computes the artifact, the others wait and read it
+            compute_reference_logprobs(
+                policy,
+                pairs,
+                image_root,
+                corrupt_root,
+                ReferenceConfig.for_training(cfg),
+                out_dir / "reference",
+            )
+        barrier(world)
+        reference_path = out_dir / "reference"
     table = ReferenceTable.load(reference_path)
     if table.max_length != cfg.max_length:
         raise ValueError(
@@ -571,8 +601,18 @@ def train_preference(
         raise ValueError(f"no trainable pairs in {pairs_path} ({len(rejects)} rejected)")
 
     accelerator = _accelerator(cfg.dtype)
-    if accelerator.num_processes > 1:
-        raise NotImplementedError("train_preference runs in a single process (one device)")
+    world = DistInfo.current()
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise NotImplementedError(
+            f"accelerate distributed_type {accelerator.distributed_type.name} is not supported: "
+            "the trainer replicates the frozen base on every rank and sums LoRA gradients itself "
+            "(data parallel); launch with a MULTI_GPU config (configs/accelerate/ddp_gpu.yaml)"
+        )
+    if world.size != accelerator.num_processes:
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} processes but the torch process group "
+            f"has {world.size}"
+        )
     processor = load_processor(policy.base, trust_remote_code=policy.trust_remote_code)
     base = load_model(
         policy.base,
@@ -600,7 +640,10 @@ def train_preference(
     total = _total_steps(cfg, order)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if not world.active:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Several processes: no prepare(). DDP would only sync gradients of forwards through its
+    # own forward (we call submodules), and accelerate's scheduler wrapper steps N times a step.
     device = accelerator.device
     digest = _digest(cfg, policy, pairs)
 
@@ -619,17 +662,20 @@ def train_preference(
         start = resumed_from = int(state["step"])
 
     metrics_path = out_dir / METRICS_FILE
-    kept = []
-    if resumed_from is not None and metrics_path.is_file():
-        lines = metrics_path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
-    metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    writer: Any = _NullWriter()
+    if world.is_main:  # rank 0 alone writes metrics, TensorBoard, checkpoints and the adapter
+        kept = []
+        if resumed_from is not None and metrics_path.is_file():
+            lines = metrics_path.read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
-    from torch.utils.tensorboard import SummaryWriter  # tensorboard is optional at import time
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard: optional at import
 
-    writer = SummaryWriter(
-        str(out_dir / "tensorboard"), purge_step=start + 1 if resumed_from is not None else None
-    )
+        writer = SummaryWriter(
+            str(out_dir / "tensorboard"),
+            purge_step=start + 1 if resumed_from is not None else None,
+        )
     images = ImageCache(image_root, corrupt_root)
     window: list[dict[str, float]] = []
     final_metrics: dict[str, float] = {}
@@ -640,11 +686,16 @@ def train_preference(
             t0 = time.perf_counter()
             ks = range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
             micro = [order.micro_batch(k) for k in ks]
-            n_step = sum(len(m) for m in micro)
+            n_step = sum(len(m) for m in micro)  # global pairs of the step, all ranks
+            if world.active:
+                micro = [rank_share(m, world.rank, world.size) for m in micro]
+                torch.manual_seed(step_seed(cfg.seed, step, world.rank))
             optimizer.zero_grad(set_to_none=True)
             meter = _Meter()
             encodes = 0
             for idx in micro:
+                if not idx:  # a global micro-batch smaller than the world leaves a rank idle
+                    continue
                 chunk = [pairs[i] for i in idx]
                 batch = build_branch_batch(
                     processor, chunk, images, cfg.max_length, use_corrupted=use_corrupted
@@ -667,6 +718,10 @@ def train_preference(
                 accelerator.backward(out.loss.sum() / n_step)
                 meter.add_output(cfg.loss, out)
                 encodes += stats["image_encodes"]
+            if world.active:
+                sum_gradients(params, world)  # every rank now holds the global-batch gradient
+                meter.merge(world)
+                encodes = int(gather_sums({"e": float(encodes)}, world)["e"])
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
@@ -688,18 +743,25 @@ def train_preference(
             window.append(metrics)
             done = step + 1
             if done % cfg.logging_every == 0 or done == total:
-                final_metrics = _log(metrics_path, writer, done, window)
+                final_metrics = _log(metrics_path, writer, done, window, write=world.is_main)
                 window = []
             if cfg.save_every and done % cfg.save_every == 0 and done < total:
-                save_checkpoint(
-                    out_dir,
-                    done,
-                    accelerator.unwrap_model(model),
-                    optimizer,
-                    scheduler,
-                    {"step": done, "micro_batches_done": done * cfg.grad_accum, "digest": digest},
-                    keep=cfg.keep_checkpoints,
-                )
+                if world.is_main:  # adapter and optimizer are identical on every rank
+                    save_checkpoint(
+                        out_dir,
+                        done,
+                        accelerator.unwrap_model(model),
+                        optimizer,
+                        scheduler,
+                        {
+                            "step": done,
+                            "micro_batches_done": done * cfg.grad_accum,
+                            "digest": digest,
+                            "num_processes": world.size,
+                        },
+                        keep=cfg.keep_checkpoints,
+                    )
+                barrier(world)  # no rank runs ahead of a checkpoint that may not exist yet
             if on_step is not None:
                 on_step(done, total, metrics)
     finally:
@@ -707,14 +769,16 @@ def train_preference(
 
     peft_model = accelerator.unwrap_model(model)
     adapter_dir = out_dir / ADAPTER_DIR
-    peft_model.save_pretrained(str(adapter_dir))
-    merged_dir = None
-    if cfg.merge_adapter:
-        merged_dir = out_dir / MERGED_DIR
-        merged = peft_model.merge_and_unload()
-        merged.save_pretrained(str(merged_dir))
-        processor.save_pretrained(str(merged_dir))
-    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    merged_dir = out_dir / MERGED_DIR if cfg.merge_adapter else None
+    adapters = len(adapted_modules(peft_model))
+    if world.is_main:
+        peft_model.save_pretrained(str(adapter_dir))
+        if merged_dir is not None:
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(str(merged_dir))
+            processor.save_pretrained(str(merged_dir))
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    barrier(world)  # the adapter exists before any rank reports success
     steps_run = total - start
     return {
         "policy": PolicyRef(
@@ -734,12 +798,29 @@ def train_preference(
         "pairs_per_s": pairs_done / train_seconds if train_seconds else 0.0,
         "image_encodes_per_pair_step": encodes_done / pairs_done if pairs_done else 0.0,
         "trainable_parameters": sum(p.numel() for p in params),
-        "adapted_modules": len(adapted_modules(peft_model)),
+        "adapted_modules": adapters,
+        "num_processes": world.size,
     }
 
 
-def _log(path: Path, writer, step: int, window: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of the window's per-step metrics to metrics.jsonl and TensorBoard."""
+class _NullWriter:
+    """The TensorBoard writer of ranks > 0: they log nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _log(
+    path: Path, writer, step: int, window: list[dict[str, float]], write: bool = True
+) -> dict[str, float]:
+    """Mean of the window's per-step metrics, written to metrics.jsonl and TensorBoard when
+    ``write`` (rank 0); returned either way."""
     keys = sorted({k for m in window for k in m})
     line = {"step": step}
     for k in keys:
@@ -747,6 +828,8 @@ def _log(path: Path, writer, step: int, window: list[dict[str, float]]) -> dict[
         line[k] = sum(vals) / len(vals)
     line["epoch"] = window[-1]["epoch"]
     line["lr"] = window[-1]["lr"]
+    if not write:
+        return line
     with path.open("a") as f:
         f.write(json.dumps(line, sort_keys=True) + "\n")
     for k, v in line.items():
