@@ -11,6 +11,8 @@ fails at load time with the file and the dotted field path in the message.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -49,8 +51,24 @@ class _Cfg(BaseModel):
 class DataConfig(_Cfg):
     """What the `prepare` stage generates (SynthLesion) or loads."""
 
-    dataset: Literal["synthlesion"] = Field(
-        default="synthlesion", description="Dataset to prepare; SynthLesion is generated offline."
+    dataset: Literal["synthlesion", "slake", "vqarad", "iuxray", "hf_disk", "jsonl"] = Field(
+        default="synthlesion",
+        description="synthlesion (generated offline; the size fields below apply) or a real "
+        "dataset read from `path` in its own layout (fire_mpo_core.data.loaders).",
+    )
+    path: Path | None = Field(
+        default=None,
+        description="Local folder of the real dataset (e.g. data/Slake1.0); required unless "
+        "dataset is synthlesion. Its files are linked or copied into the prepare stage folder.",
+    )
+    lang: str | None = Field(
+        default="en", description="SLAKE: question language kept (None: all languages)."
+    )
+    annotation: str | None = Field(
+        default=None, description="IU X-Ray: annotation file name inside `path` (default: auto)."
+    )
+    max_records_per_split: int | None = Field(
+        default=None, ge=1, description="Real datasets: keep at most this many records per split."
     )
     image_size: int = Field(default=64, ge=32, le=512, description="Square image side in pixels.")
     n_train_images: int = Field(default=400, ge=1, description="Scans in the train split.")
@@ -69,6 +87,28 @@ class DataConfig(_Cfg):
         description="Train-only skew of guessable question types (0.5 = none); test is balanced.",
     )
     seed: int = Field(default=0, description="Generator seed; same seed, same bytes.")
+
+    def fingerprint(self) -> str | None:
+        """For real datasets: a digest of (relative path, size, mtime) of every file under
+        `path`, which the flow adds to the prepare stage's key (None for SynthLesion)."""
+        if self.path is None:
+            return None
+        h = hashlib.sha256()
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                st = p.stat()
+                h.update(f"{p.relative_to(self.path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+    @model_validator(mode="after")
+    def _path_for_real_data(self) -> DataConfig:
+        if self.dataset != "synthlesion" and self.path is None:
+            raise ValueError(f"data.path is required when data.dataset is {self.dataset!r}")
+        if self.dataset == "synthlesion" and self.path is not None:
+            raise ValueError("data.path is set but data.dataset is 'synthlesion' (generated)")
+        return self
 
 
 class ModelConfig(_Cfg):

@@ -174,7 +174,10 @@ def run_cycle(cfg: CycleConfig, stage: _Runner) -> str | None:
     # The reference pass depends only on what scoring needs (max_length, dtype...), not on lr.
     ref_cfg = ReferenceConfig.for_training(cfg.train).model_dump(mode="json")
 
-    data = stage("prepare", 0, {"data": section("data"), "model": section("model")}, {})
+    prep = {"data": section("data"), "model": section("model")}
+    if cfg.data.path is not None:  # a real dataset: its files are an input of the key too
+        prep["dataset_fingerprint"] = cfg.data.fingerprint()
+    data = stage("prepare", 0, prep, {})
     policy = stage("sft", 0, {"sft": section("sft"), "dtype": dtype}, {"prepare": data})
     evaluation = stage(
         "evaluate",

@@ -1,0 +1,100 @@
+"""`prepare` on real dataset folders (../shared/realdata): the store contract SynthLesion follows.
+
+VQA-RAD here has 30 real test images and none for train, so most records are per-record rejects
+(missing image) and the 30 images' questions are kept; the flow test builds a two-split JSONL
+dataset from those real images and runs `prepare` (tiny model included) through Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fire_mpo_core.config import ConfigError, DataConfig, load_config
+from fire_mpo_core.data.io import load_records, open_image
+from fire_mpo_core.data.prepare_real import prepare_real_dataset
+from fire_mpo_core.store import read_manifest
+
+
+def test_vqarad_keeps_records_with_images_and_rejects_the_rest(realdata, tmp_path):
+    rejects: list[tuple[str, str]] = []
+    cfg = DataConfig(dataset="vqarad", path=realdata / "vqarad")
+    counts = prepare_real_dataset(cfg, tmp_path, on_reject=lambda i, r: rejects.append((i, r)))
+    have = {p.name for p in (realdata / "vqarad" / "images").iterdir()}
+    total, kept = 0, 0
+    for split, name in (("train", "trainset.json"), ("test", "testset.json")):
+        items = json.loads((realdata / "vqarad" / name).read_text())
+        expected = sum(it["image_name"] in have for it in items)
+        assert counts[split] == expected > 0
+        total, kept = total + len(items), kept + expected
+    assert counts["splits_missing"] == 1  # VQA-RAD has no val split
+    records = load_records(tmp_path)
+    assert len(records) == kept == counts["records"]
+    # Every kept image is inside the stage folder and decodes; quirks are normalised.
+    for r in records:
+        assert r.image.startswith("raw/images/") and open_image(tmp_path, r.image).size[0] > 0
+        assert r.answer_type in ("closed", "open")
+    assert counts["images"] == len(have)
+    # Nothing silently dropped: every other record is a reject naming its id and the image.
+    assert len(rejects) == total - kept
+    assert all(i.startswith("vqarad-") and "image" in why for i, why in rejects)
+
+
+def test_real_dataset_config_needs_a_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path is required"):
+        load_config(None, {"data.dataset": "slake"})
+    with pytest.raises(ConfigError, match=r"data\.dataset"):
+        load_config(None, {"data.dataset": "mimic"})
+
+
+def test_prepare_stage_on_a_real_jsonl_dataset(prefect_harness, realdata, tmp_path):
+    from flows.full_cycle import fire_mpo
+    from tests.test_flow import SMALL
+
+    test = json.loads((realdata / "vqarad" / "testset.json").read_text())
+    have = {p.name for p in (realdata / "vqarad" / "images").iterdir()}
+    rows = [it for it in test if it["image_name"] in have]
+    ds = tmp_path / "ds"
+    (ds / "img").mkdir(parents=True)
+    lines = []
+    for i, it in enumerate(rows):
+        name = it["image_name"]
+        (ds / "img" / name).write_bytes((realdata / "vqarad" / "images" / name).read_bytes())
+        split = "train" if i % 3 else "test"
+        lines.append(
+            {
+                "id": f"q{it['qid']}",
+                "split": split,
+                "image": f"img/{name}",
+                "question": it["question"],
+                "answer": str(it["answer"]),
+            }
+        )
+    lines.append(
+        {
+            "id": "broken",
+            "split": "train",
+            "image": "img/nope.jpg",
+            "question": "q?",
+            "answer": "yes",
+        }
+    )
+    (ds / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = {**SMALL, "store": str(tmp_path / "store"), "data": {"dataset": "jsonl", "path": str(ds)}}
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    fire_mpo(config=str(path), stages=["prepare"])
+    (out,) = (tmp_path / "store" / "t" / "round-0" / "prepare").glob("[!.]*")
+    m = read_manifest(out)
+    assert m["counts"]["records"] == len(rows) and m["counts"]["rejects"] == 1
+    assert (out / "model" / "model.safetensors").is_file()  # tokenizer from the real texts
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rejects] == ["jsonl-broken"] or rejects[0]["id"].endswith("broken")
+    # An edited dataset file gives prepare a new key (the fingerprint is part of it).
+    (ds / "data.jsonl").write_text((ds / "data.jsonl").read_text().replace("q?", "q2?"))
+    fire_mpo(config=str(path), stages=["prepare"])
+    assert len(list((tmp_path / "store" / "t" / "round-0" / "prepare").glob("[!.]*"))) == 2
+    assert Path(out).is_dir()
