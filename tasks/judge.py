@@ -20,7 +20,7 @@ from fire_mpo_core.data.io import load_records
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge import JudgeConfig, Rejection, judge_shard, merge_judged
 from fire_mpo_core.store import DATA, StageWriter, read_jsonl, write_jsonl
-from tasks.common import StageCall, stage_task
+from tasks.common import Progress, StageCall, stage_task
 from tasks.shards import run_shards, shard_bounds
 
 
@@ -50,7 +50,10 @@ def body(call: StageCall, w: StageWriter) -> dict:
         ]
         pairs, rejections = merge_judged(run_shards(judge_shard_task, params))
     else:
-        pairs, rejections = judge_shard(cfg, records, rollouts)
+        progress = Progress(f"judge, round {call.round}: rollouts")
+        pairs, rejections = judge_shard(
+            cfg, records, rollouts, on_progress=lambda n: progress(n, len(rollouts))
+        )
     for r in rejections:
         w.reject(r.id, f"{r.code}: {r.reason}")
     write_jsonl(w.path / DATA, pairs)

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 
 from prefect import get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from fire_mpo_core.faults import fault_point
 from fire_mpo_core.policy import PolicyRef, read_policy, write_policy
@@ -26,16 +25,16 @@ from fire_mpo_core.store import StageWriter
 from fire_mpo_core.training.config import TrainConfig
 from fire_mpo_core.training.launch import launch_training
 from fire_mpo_core.training.preference import train_preference
-from tasks.common import StageCall, stage_task
+from tasks.common import Progress, StageCall, stage_task
 
 
 def body(call: StageCall, w: StageWriter) -> dict:
     cfg = TrainConfig.model_validate(call.config["train"])
     policy = read_policy(call.inputs["policy"])
-    progress = create_progress_artifact(0.0, description=f"train, round {call.round}")
+    progress = Progress(f"train, round {call.round}: optimizer steps")
 
     def on_step(step: int, total: int, metrics: dict) -> None:
-        update_progress_artifact(progress, 100.0 * step / max(1, total))
+        progress(step, total)
         fault_point("train.step")  # crash-safety tests kill here (no-op unless set)
 
     args = (

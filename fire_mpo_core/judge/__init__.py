@@ -23,7 +23,7 @@ a new judge is one class and one line here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge.base import (
@@ -52,11 +52,14 @@ def build_judge(config: JudgeConfig, records: Sequence[VQARecord] = ()) -> Judge
 
 
 def judge_shard(
-    config: JudgeConfig, records: Sequence[VQARecord], rollouts: Sequence[Rollout]
+    config: JudgeConfig,
+    records: Sequence[VQARecord],
+    rollouts: Sequence[Rollout],
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[list[PreferencePair], list[Rejection]]:
     """Judge one shard of rollouts: :func:`build_judge` on every record (the answer vocabulary
     is the dataset's, not the shard's), then :func:`judge_rollouts`. Pure per rollout."""
-    return judge_rollouts(build_judge(config, records), records, rollouts)
+    return judge_rollouts(build_judge(config, records), records, rollouts, on_progress)
 
 
 def merge_judged(

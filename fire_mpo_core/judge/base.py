@@ -18,7 +18,7 @@ pass :func:`fire_mpo_core.judge.validate.validate_pair`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -154,9 +154,11 @@ def judge_rollouts(
     judge: Judge,
     records: Mapping[str, VQARecord] | Sequence[VQARecord],
     rollouts: Iterable[Rollout],
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[list[PreferencePair], list[Rejection]]:
     """Judge every rollout; a rollout whose record is missing becomes an ``unknown_record``
-    rejection. Returns (pairs, rejections) in rollout order."""
+    rejection. Returns (pairs, rejections) in rollout order. ``on_progress(n_done)`` is called
+    after each rollout (an LLM judge takes seconds per rollout: worth a progress bar)."""
     by_id = records if isinstance(records, Mapping) else {r.id: r for r in records}
     pairs: list[PreferencePair] = []
     rejects: list[Rejection] = []
@@ -174,4 +176,6 @@ def judge_rollouts(
             continue
         res = judge.judge(rec, ro)
         (pairs if isinstance(res, PreferencePair) else rejects).append(res)
+        if on_progress is not None:
+            on_progress(len(pairs) + len(rejects))
     return pairs, rejects
