@@ -34,12 +34,15 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+
+from fire_mpo_core.faults import fault_point
 
 MANIFEST = "manifest.json"
 DATA = "data.jsonl"
@@ -107,6 +110,7 @@ def write_jsonl(path: Path, records: Iterable[BaseModel | dict[str, Any]]) -> in
     with path.open("w", encoding="utf-8") as f:
         for r in records:
             obj = r.model_dump(mode="json") if isinstance(r, BaseModel) else r
+            fault_point("store.write")
             f.write(json.dumps(obj, ensure_ascii=False, sort_keys=True) + "\n")
             n += 1
     return n
@@ -121,6 +125,7 @@ def read_jsonl(
             if not raw.strip():
                 continue
             rid = f"{path.name}:{lineno}"
+            fault_point("store.read")
             try:
                 obj = json.loads(raw.decode("utf-8"))
                 if isinstance(obj, dict) and isinstance(obj.get("id"), str):
@@ -168,6 +173,7 @@ class StageWriter:
     rejects: list[dict[str, str]] = field(default_factory=list)
 
     def reject(self, record_id: str, reason: str) -> None:
+        fault_point("store.reject")
         self.rejects.append({"id": str(record_id), "reason": reason})
 
 
@@ -194,7 +200,13 @@ class ArtifactStore:
     def latest(self, run: str, round_: int, stage: str) -> Path | None:
         """The most recently finished output of a stage, or None."""
         root = self.stage_root(run, round_, stage)
-        done = [p for p in root.glob("*") if p.is_dir() and is_finished(p)]
+        # Dot-folders are working folders (.tmp-*, .partial-*, .old-*): a crash can leave one
+        # with a manifest, but it is never a finished output.
+        done = [
+            p
+            for p in root.glob("*")
+            if not p.name.startswith(".") and p.is_dir() and is_finished(p)
+        ]
         if not done:
             return None
         return max(done, key=lambda p: (read_manifest(p)["finished_at"], p.name))
@@ -229,6 +241,7 @@ class ArtifactStore:
         fn: Callable[[StageWriter], dict[str, Any] | None],
         refresh: bool = False,
         resumable: bool = False,
+        max_reject_fraction: float | None = None,
     ) -> StageResult:
         """Build a stage output unless a finished one with the same key exists.
 
@@ -237,6 +250,11 @@ class ArtifactStore:
         and the later ones return the finished result. With `resumable`, the working folder is
         `.partial-<key>` and survives a failure, so a rerun's `fn` finds what was already
         written there (record-by-record resume); it is still only renamed into place when done.
+
+        With `max_reject_fraction`, a stage whose rejects exceed that share of its outcomes
+        (rejects / (rejects + rows of `data.jsonl`); a record sampled n times is n rows) fails
+        with :class:`TooManyRejects`, whose message summarises the reasons, instead of
+        finishing; a resumable working folder is kept for the rerun.
         """
         key = stage_key(stage, config, inputs, code)
         final = self.stage_dir(run, round_, stage, key)
@@ -245,12 +263,19 @@ class ArtifactStore:
         with self._lock(final.parent / f".{key}.lock"):
             if not refresh and is_finished(final):
                 return StageResult(final, key, True, read_manifest(final))
+            # Holding the key's lock, every other working folder of this key is a dead
+            # process's leftover (a kill leaves them; nothing else writes them).
+            for stale in [*final.parent.glob(f".tmp-{key}-*"), *final.parent.glob(f".old-{key}-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
             if resumable:
                 tmp = final.parent / f".partial-{key}"
                 if refresh:
                     shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True, exist_ok=True)
-                (tmp / MANIFEST).unlink(missing_ok=True)
+                # A kill after the manifest (or mid-way through writing it) must not leave its
+                # files in the digest of the resumed output.
+                for leftover in [tmp / MANIFEST, *tmp.glob(f".{MANIFEST}.*")]:
+                    leftover.unlink(missing_ok=True)
             else:
                 tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
                 tmp.mkdir(parents=True)
@@ -260,6 +285,9 @@ class ArtifactStore:
                 counts = dict(fn(writer) or {})
                 write_jsonl(tmp / REJECTS, writer.rejects)
                 counts.setdefault("rejects", len(writer.rejects))
+                if max_reject_fraction is not None:
+                    _check_reject_fraction(stage, tmp, writer, max_reject_fraction)
+                fault_point("store.before_manifest")
                 manifest = {
                     "stage": stage,
                     "key": key,
@@ -278,14 +306,42 @@ class ArtifactStore:
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
                 _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+                fault_point("store.before_rename")
                 if final.exists():  # unfinished leftovers (no manifest) or a forced refresh
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
+                    # Moved aside in one rename, not deleted in place: a kill in the middle of
+                    # a delete could leave a folder that still has its manifest but lost files.
+                    old = final.parent / f".old-{key}-{uuid.uuid4().hex[:8]}"
+                    os.replace(final, old)
+                    os.replace(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
+                fault_point("store.after_rename")
             except BaseException:
                 if not resumable:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
         return StageResult(final, key, False, manifest)
+
+
+class TooManyRejects(RuntimeError):
+    """A stage rejected more than its configured share of records; the message summarises."""
+
+
+def _check_reject_fraction(stage: str, tmp: Path, writer: StageWriter, limit: float) -> None:
+    n_rej = len(writer.rejects)
+    data = tmp / DATA
+    total = n_rej + (sum(1 for ln in data.open("rb") if ln.strip()) if data.is_file() else 0)
+    frac = n_rej / total if total else 0.0
+    if frac <= limit:
+        return
+    reasons = Counter(r["reason"].split(":", 1)[0][:80] for r in writer.rejects)
+    top = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(5))
+    ids = ", ".join(r["id"] for r in writer.rejects[:5])
+    raise TooManyRejects(
+        f"stage {stage!r}: {n_rej} of {total} records rejected ({frac:.1%} > "
+        f"max_reject_fraction {limit:.1%}); most common reasons: {top}; first ids: {ids}"
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -9,7 +9,8 @@ stdlib ``http.server`` in a background thread, scriptable per test::
         fake.requests[0].body["model"], fake.requests[0].headers["authorization"]
 
 Each POST /v1/chat/completions takes the next scripted behaviour (or ``default`` once the script
-is used up): ``ok`` (content, a list of choice contents, or a function of the request body),
+is used up; ``default`` may also be a function of the request body returning a behaviour, to
+route by request): ``ok`` (content, a list of choice contents, or a function of the request body),
 ``rate_limited`` (429 + Retry-After), ``server_error`` (any status), ``hang`` (sleep, e.g. past
 the client timeout, then answer), ``drop`` (close the connection without a response),
 ``malformed`` (200 with a body that is not JSON). Received requests are recorded with their
@@ -131,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             )
             behaviour = state.script.popleft() if state.script else self.server.default
+        if not isinstance(behaviour, Behaviour):  # a router: request body -> behaviour
+            behaviour = behaviour(body if isinstance(body, dict) else {})
+        with state.lock:
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
@@ -191,7 +195,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     state: _State
-    default: Behaviour
+    default: Behaviour | Callable[[dict[str, Any]], Behaviour]
     max_sleep_s: float
 
 
@@ -247,7 +251,7 @@ class FakeOpenAI:
         with self._server.state.lock:
             self._server.state.script.extend(behaviours)
 
-    def set_default(self, behaviour: Behaviour) -> None:
+    def set_default(self, behaviour: Behaviour | Callable[[dict[str, Any]], Behaviour]) -> None:
         self._server.default = behaviour
 
     @property

@@ -26,6 +26,7 @@ from fire_mpo_core.sampling import (
     Reject,
     SampleConfig,
     SampleItem,
+    derive_seed,
     make_engine,
     sample_to_file,
 )
@@ -161,7 +162,9 @@ def test_openai_engine_ok_sends_image_model_n_and_auth(fake, key_env, caplog, ca
     reqs = sorted(fake.requests, key=lambda r: r.body["messages"][0]["content"][1]["text"])
     assert len(reqs) == 3
     body = reqs[0].body
-    assert body["model"] == "policy-model" and body["n"] == 2 and body["seed"] == 7
+    assert body["model"] == "policy-model" and body["n"] == 2
+    # Each record's request has its own seed, from the config seed and the record id.
+    assert body["seed"] == derive_seed(7, ["rec0", "0"]) != derive_seed(7, ["rec1", "0"])
     assert body["temperature"] == 0.7 and body["top_p"] == 0.95 and body["max_tokens"] == 48
     image_part, text_part = body["messages"][0]["content"]
     assert text_part == {"type": "text", "text": "question 0?"}

@@ -231,6 +231,12 @@ def mask_from_source(
 
     `source` may be: a bool/uint8/RGB array; a path (str or Path, relative to `base_dir` if
     given) of a mask image; a COCO RLE dict; a box [x0, y0, x1, y1] of numbers.
+
+    A mask file whose every pixel is foreground is refused (ValueError): a dataset lesion mask
+    that covers the whole image is an export error (an inverted or blank-white file), and
+    corrupting "inside" it would silently turn the lesion ablation into whole-image noise. An
+    empty mask is returned as is; the corrupt stage records it (``empty_mask``) and applies the
+    paper's no-mask fallback.
     """
     if source is None:
         return None
@@ -241,6 +247,11 @@ def mask_from_source(
         if base_dir is not None and not path.is_absolute():
             path = Path(base_dir) / path
         mask = load_mask(path)
+        if mask.size and mask.all():
+            raise ValueError(
+                f"mask file {path.name!r} marks every pixel as lesion (all foreground): "
+                "not a lesion mask (inverted or blank export?)"
+            )
     elif isinstance(source, dict):
         mask = decode_rle(source)
     elif isinstance(source, Sequence) and len(source) == 4:

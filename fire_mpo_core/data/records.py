@@ -2,13 +2,46 @@
 
 A record is one line of a stage's ``data.jsonl``. Image and mask paths are relative to the folder
 that holds the ``data.jsonl`` (the dataset root), never absolute.
+
+Text fields are checked as they are parsed, so a bad line becomes a reject with the field named
+(see ``fire_mpo_core.store.read_jsonl``): ids are one line of printable text; questions,
+answers and references must hold a visible character, no NUL or other control character (tab
+and newline aside), and stay under a length cap (``MAX_TEXT_CHARS``; a 1 MB "answer" is a broken
+export, not an answer).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+#: Longest question / answer / reference / response accepted, in characters.
+MAX_TEXT_CHARS = 20_000
+MAX_ID_CHARS = 256
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _text(v: str) -> str:
+    bad = _CONTROL.search(v)
+    if bad:
+        raise ValueError(f"contains control character {bad.group()!r} at position {bad.start()}")
+    if v and not v.strip():
+        raise ValueError("is only whitespace")
+    return v
+
+
+def _ident(v: str) -> str:
+    if not v.isprintable() or v != v.strip():
+        raise ValueError("must be printable text without surrounding whitespace")
+    return v
+
+
+#: Free text: no NUL / control characters, not only whitespace, at most MAX_TEXT_CHARS.
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_text)]
+#: An id or a relative path: one printable line.
+Ident = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_ident)]
 
 Split = Literal["train", "val", "test"]
 AnswerType = Literal["closed", "open", "report"]
@@ -39,14 +72,14 @@ class VQARecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, description="Unique, stable id.")
-    image: str = Field(min_length=1, description="Relative path of the image file.")
-    mask: str | None = Field(
+    id: Ident = Field(description="Unique, stable id.")
+    image: Ident = Field(description="Relative path of the image file.")
+    mask: Ident | None = Field(
         default=None, description="Relative path of the union lesion mask PNG (None: no lesion)."
     )
-    question: str = Field(min_length=1)
-    answer: str = Field(min_length=1, description="Canonical short answer, in the model's style.")
-    reference: str | None = Field(
+    question: Text = Field(min_length=1, description="The question (or report prompt).")
+    answer: Text = Field(min_length=1, description="Canonical short answer, in the model's style.")
+    reference: Text | None = Field(
         default=None,
         description="The dataset's reference text in its own (different) style (gt_style pairs).",
     )

@@ -12,6 +12,12 @@ sent with ``n`` (and again for the rest if a server returns fewer choices), ``te
 :class:`~fire_mpo_core.openai_client.ChatClient` (backoff with jitter, ``Retry-After``); a record
 that still fails becomes a :class:`~fire_mpo_core.sampling.base.Reject` with the reason, and the
 stage goes on. Rows come back in input order.
+
+Several ``openai.base_urls`` (replicas serving the same policy) share the requests round-robin,
+``openai.max_concurrency`` in flight in all. The output does not depend on which replica answered
+or in what order: rows are yielded in record order, and each request carries its own seed,
+derived from the config seed and the record id (``derive_seed``), so a server that honours
+``seed`` gives the same answers for a record whichever replica gets it, on any rerun.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from PIL import Image
 
 from fire_mpo_core.data.records import Rollout
 from fire_mpo_core.openai_client import ChatClient, ChatFailure, RetryableError
-from fire_mpo_core.sampling.base import PolicyLike, Reject, SampleItem, rollouts_for
+from fire_mpo_core.sampling.base import PolicyLike, Reject, SampleItem, derive_seed, rollouts_for
 from fire_mpo_core.sampling.config import SampleConfig
 
 __all__ = ["OpenAIEngine", "build_messages", "image_data_url"]
@@ -82,11 +88,7 @@ class OpenAIEngine:
         self.n = cfg.n
         self.client = client or ChatClient(cfg.openai)
         self.model_key = model_key or str(cfg.openai.model)
-        params: dict[str, Any] = {
-            "temperature": cfg.temperature,
-            "max_tokens": cfg.max_new_tokens,
-            "seed": cfg.seed,
-        }
+        params: dict[str, Any] = {"temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens}
         if cfg.temperature > 0:
             params["top_p"] = cfg.top_p
         self._params = params
@@ -101,8 +103,12 @@ class OpenAIEngine:
         # Bounded: every round adds at least one answer (an empty reply is retried inside).
         for _ in range(self.n):
             need = self.n - len(texts)
+            # Per record (and per top-up request, which must not repeat the first's answers).
+            seed = derive_seed(self.cfg.seed, [item.record_id, str(len(texts))])
             try:
-                got = self.client.complete(messages, validate=_answers, n=need, **self._params)
+                got = self.client.complete(
+                    messages, validate=_answers, n=need, seed=seed, **self._params
+                )
             except ChatFailure as e:
                 return Reject(id=item.record_id, reason=f"openai: {e.reason}"[:1000])
             texts.extend(got[:need])
