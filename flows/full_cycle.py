@@ -107,6 +107,8 @@ class _Runner:
                     f"selected nor in the store for this config: {self.hint}"
                 )
             return None
+        if self.cfg.max_reject_fraction is not None:  # only when set: default keys unchanged
+            config = {**config, "max_reject_fraction": self.cfg.max_reject_fraction}
         call = StageCall(
             store=self.cfg.store,
             run=self.cfg.run,

@@ -49,7 +49,11 @@ def body(call: StageCall, w: StageWriter) -> dict:
     rounds = "\n".join(
         "| " + " | ".join(str(h.get(k)) for k in ("round", *HEADLINE)) + " |" for h in history
     )
-    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(metrics.items()))
+    # Timings go to the manifest (counts), not into report.md: the folder's content digest must
+    # not change when nothing but the machine's speed did (the next round keys on it).
+    rows = "\n".join(
+        f"| {k} | {v} |" for k, v in sorted(metrics.items()) if k != "samples_per_second"
+    )
     report = (
         f"# FiRe-MPO evaluation: run `{call.run}`, round {call.round}\n\n"
         f"Split `{cfg.split}`; policy `{call.inputs['policy']}`.\n\n"

@@ -23,7 +23,9 @@ def body(call: StageCall, w: StageWriter) -> dict:
         write_policy(w.path, base)
         return {"steps": 0}
     records = load_records(data_root, splits=("train",), on_reject=w.reject)
-    metrics = run_sft(base.base, records, data_root, cfg, w.path / "model", call.config["dtype"])
+    metrics = run_sft(
+        base.base, records, data_root, cfg, w.path / "model", call.config["dtype"], w.reject
+    )
     write_policy(w.path, PolicyRef(base="model"))
     return metrics
 

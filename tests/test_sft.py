@@ -54,3 +54,40 @@ def test_evaluate_writes_flat_metrics(tiny, tmp_path):
         (tmp_path / "data.jsonl").read_text().splitlines()
     )
     assert 0.0 <= m["closed_accuracy"] <= 1.0
+
+
+def test_unreadable_image_is_a_reject_in_sft_and_evaluate(tiny, tmp_path):
+    """One truncated scan costs its records (rejects naming the file), not the stage."""
+    import shutil
+
+    torch.set_num_threads(1)
+    src, _ = tiny
+    root = tmp_path / "data"
+    shutil.copytree(src, root)
+    train = load_records(root, splits=("train",))
+    test = load_records(root, splits=("test",))
+    for rec in (train[0], test[0]):
+        data = (root / rec.image).read_bytes()
+        (root / rec.image).write_bytes(data[: len(data) // 3])  # truncated PNG
+    rejects: list[tuple[str, str]] = []
+    cfg = SFTConfig(max_steps=2, batch_size=4)
+    run_sft(
+        root / "model", train, root, cfg, tmp_path / "sft", on_reject=lambda *r: rejects.append(r)
+    )
+    bad_train = {r.id for r in train if r.image == train[0].image}
+    assert {i for i, _ in rejects} == bad_train
+    assert all(train[0].image in why for _, why in rejects)
+    with pytest.raises(ValueError, match=train[0].image):  # without a reject sink: an error
+        run_sft(root / "model", train, root, cfg, tmp_path / "sft2")
+
+    rejects.clear()
+    m = evaluate_policy(
+        PolicyRef(base=str(root / "model")),
+        root,
+        EvaluateConfig(max_new_tokens=4, grounding=False),
+        tmp_path / "eval",
+        on_reject=lambda *r: rejects.append(r),
+    )
+    bad_test = {r.id for r in test if r.image == test[0].image}
+    assert {i for i, _ in rejects} == bad_test
+    assert m["n_closed"] + m["n_open"] + m["n_report"] == len(test) - len(bad_test)

@@ -84,12 +84,24 @@ def evaluate_policy(
     records = load_records(data_root, splits=(cfg.split,), on_reject=on_reject)
     if cfg.max_samples:
         records = records[: cfg.max_samples]
+    # An unreadable image costs its record (a reject naming the file), not the evaluation.
+    images, kept = [], []
+    for r in records:
+        try:
+            images.append(open_image(data_root, r.image))
+        except ValueError as e:
+            if on_reject is None:
+                raise
+            on_reject(r.id, str(e))
+            continue
+        kept.append(r)
+    records = kept
     model, processor = load_policy(policy, dtype)
     t0 = time.perf_counter()
     preds = generate(
         model,
         processor,
-        [open_image(data_root, r.image) for r in records],
+        images,
         [r.question for r in records],
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,11 @@ def run_sft(
     cfg: SFTConfig,
     out_dir: Path,
     dtype: str = "float32",
+    on_reject: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune all weights of the model at `model_dir` on `records`; save to `out_dir`.
+
+    A record whose image cannot be read goes to ``on_reject(id, reason)`` (without it: raises).
 
     Writes `out_dir/` (model + processor via `save_pretrained`) and `out_dir/train_log.jsonl`
     (one line per step: step, loss, lr). Returns summary metrics.
@@ -62,9 +66,23 @@ def run_sft(
     model.train()
 
     examples = [r for r in records if cfg.include_reports or r.answer_type != "report"]
+    # An unreadable image costs its records (rejects naming the file), not the stage.
+    images, bad = {}, {}
+    for r in examples:
+        if r.image in images or r.image in bad:
+            continue
+        try:
+            images[r.image] = open_image(image_root, r.image)
+        except ValueError as e:
+            if on_reject is None:
+                raise
+            bad[r.image] = str(e)
+    for r in examples:
+        if r.image in bad:
+            on_reject(r.id, bad[r.image])
+    examples = [r for r in examples if r.image in images]
     if not examples:
         raise ValueError("SFT got no training records")
-    images = {r.image: open_image(image_root, r.image) for r in examples}
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
 
