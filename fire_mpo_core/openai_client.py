@@ -75,6 +75,12 @@ class OpenAIEndpointConfig(BaseModel):
         "itself); None for servers without authentication.",
         repr=False,
     )
+    api_key_secret: str | None = Field(
+        default=None,
+        description="NAME of a Prefect Secret block holding the API key (`prefect block create "
+        "secret`), read by the stage at run time; takes the place of api_key_env when set.",
+        repr=False,
+    )
     max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at most.")
     timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(
@@ -221,8 +227,28 @@ def parse_retry_after(headers: Any) -> float | None:
 
 # --------------------------------------------------------------------------- client
 
+#: How `api_key_secret` names become keys. The core knows no secret store; the Prefect task layer
+#: installs one (`tasks.common`: Prefect Secret blocks) with :func:`set_secret_resolver`.
+_secret_resolver: Callable[[str], str] | None = None
 
-def _resolve_key(env_name: str | None) -> str:
+
+def set_secret_resolver(resolver: Callable[[str], str] | None) -> None:
+    """Install the function that turns a secret's name into the key (None: uninstall)."""
+    global _secret_resolver
+    _secret_resolver = resolver
+
+
+def _resolve_key(env_name: str | None, secret: str | None = None) -> str:
+    if secret is not None:
+        if _secret_resolver is None:
+            raise ValueError(
+                f"api_key_secret {secret!r} needs a secret store: run the stage through Prefect "
+                "(tasks/), or use api_key_env"
+            )
+        key = _secret_resolver(secret)
+        if not key:
+            raise ValueError(f"secret {secret!r} (openai.api_key_secret) is empty")
+        return key
     if env_name is None:
         # Servers without auth still need a non-empty key in the openai client; passing one
         # explicitly also stops the client from silently picking up OPENAI_API_KEY.
@@ -248,7 +274,7 @@ class ChatClient:
         if not cfg.base_urls or not cfg.model:
             raise ValueError("an OpenAI endpoint needs base_urls and model")
         self.cfg = cfg
-        key = _resolve_key(cfg.api_key_env)
+        key = _resolve_key(cfg.api_key_env, cfg.api_key_secret)
         self._secrets = [key] if len(key) >= _MIN_SECRET_LEN and key != "EMPTY" else []
         # The SDK's own retries are off: one retry loop (ours) decides, so attempts are counted
         # and backed off in one place.

@@ -30,6 +30,7 @@ from prefect.tasks import Task
 from pydantic import BaseModel, ConfigDict, Field
 
 from fire_mpo_core.config import StageName
+from fire_mpo_core.openai_client import set_secret_resolver
 from fire_mpo_core.store import (
     ArtifactStore,
     StageResult,
@@ -40,6 +41,17 @@ from fire_mpo_core.store import (
 )
 
 CACHE_DIR = "_prefect"  # inside the store root: Prefect's cache records and results
+
+
+def _prefect_secret(name: str) -> str:
+    """An API key from the Prefect Secret block `name` (`openai.api_key_secret`)."""
+    from prefect.blocks.system import Secret
+
+    return str(Secret.load(name).get())
+
+
+# Endpoint configs may name a Prefect Secret block instead of an environment variable.
+set_secret_resolver(_prefect_secret)
 
 
 class StageCall(BaseModel):

@@ -166,3 +166,44 @@ def test_trust_remote_code_is_off_unless_configured():
     assert ModelConfig().trust_remote_code is False
     assert CycleConfig().model.trust_remote_code is False
     assert ModelConfig.model_fields["trust_remote_code"].description
+
+
+def test_trust_remote_code_when_on_is_named_in_the_log(tmp_path, caplog):
+    from fire_mpo_core.models import build_tiny_model, load_model, load_processor
+
+    build_tiny_model(
+        ModelConfig(hidden_size=32, num_heads=2, vocab_size=280), ["a b"], 64, tmp_path
+    )
+    with caplog.at_level(logging.WARNING, logger="fire_mpo_core.models.loading"):
+        load_model(tmp_path)
+        load_processor(tmp_path)
+    assert "trust_remote_code" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="fire_mpo_core.models.loading"):
+        load_model(tmp_path, trust_remote_code=True)
+        load_processor(tmp_path, trust_remote_code=True)
+    assert caplog.text.count("trust_remote_code is ON") == 2 and str(tmp_path) in caplog.text
+
+
+def test_api_key_from_a_prefect_secret_block(prefect_harness, monkeypatch):
+    """`api_key_secret` names a Prefect Secret block; the stage layer resolves it, the core
+    never sees Prefect, and the key only travels as the bearer token."""
+    from prefect.blocks.system import Secret
+
+    import fire_mpo_core.openai_client as oc
+
+    Secret(value=PLANTED).save("fire-mpo-test-key", overwrite=True)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = oc.OpenAIEndpointConfig(
+        base_urls=["http://127.0.0.1:9/v1"], model="m", api_key_env=None,
+        api_key_secret="fire-mpo-test-key", max_retries=0,
+    )  # fmt: skip
+    assert PLANTED not in repr(cfg) and "fire-mpo-test-key" not in repr(cfg)
+    with FakeOpenAI(lifetime_s=30) as fake:
+        fake.set_default(ok(RESPONSE))
+        client = oc.ChatClient(cfg.model_copy(update={"base_urls": [fake.base_url]}))
+        client.complete([{"role": "user", "content": "hi"}])
+        assert fake.requests[0].headers["authorization"] == f"Bearer {PLANTED}"
+    # Without the task layer's resolver, the config is a clear error, not a silent empty key.
+    monkeypatch.setattr(oc, "_secret_resolver", None)
+    with pytest.raises(ValueError, match="needs a secret store"):
+        oc.ChatClient(cfg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -25,6 +26,19 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file, is_torchvision_available
+
+logger = logging.getLogger(__name__)
+
+
+def _warn_remote_code(name: str, what: str) -> None:
+    # Remote code runs arbitrary Python from the checkpoint: say so, by name, every time.
+    logger.warning(
+        "trust_remote_code is ON: loading the %s of %s runs Python code shipped with it "
+        "(model.trust_remote_code in the config)",
+        what,
+        name,
+    )
+
 
 __all__ = [
     "count_parameters",
@@ -58,6 +72,8 @@ def load_model(
     forward takes the dict of :func:`fire_mpo_core.models.encoding.encode_batch` (minus
     ``labels``/``span_mask``/``response_truncated``) and returns ``logits`` ``[B, T, V]``.
     """
+    if trust_remote_code:
+        _warn_remote_code(str(name_or_path), "model")
     model = AutoModelForImageTextToText.from_pretrained(
         str(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
     )
@@ -139,6 +155,8 @@ def load_processor(name_or_path: str | Path, trust_remote_code: bool = False) ->
             return a bare tokenizer).
     """
     name = str(name_or_path)
+    if trust_remote_code:
+        _warn_remote_code(name, "processor")
     cls = _processor_class(name, trust_remote_code)
     if (
         cls is not None
