@@ -140,3 +140,49 @@ def test_flow_parameters_are_validated(prefect_harness, small_config):
         fire_mpo(config=str(small_config), rounds=-1)
     with pytest.raises(ParameterTypeError, match="stages"):
         fire_mpo(config=str(small_config), stages=["polish"])
+
+
+def test_a_stage_that_fails_once_is_retried_and_the_run_completes(prefect_harness, tmp_path):
+    """`sample` through an endpoint that fails one request: with max_reject_fraction 0 the
+    stage fails (too many rejects), Prefect retries it, the retry asks only for the missing
+    record (the partial folder is resumed) and the run completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tests.fake_openai import FakeOpenAI, ok, server_error
+
+    with FakeOpenAI(lifetime_s=300) as fake:
+        fake.script(server_error(500, message="upstream hiccup"))
+        fake.set_default(ok("yes"))
+        cfg = {
+            **SMALL,
+            "store": str(tmp_path / "store"),
+            "max_reject_fraction": 0.0,
+            "sample": {
+                "engine": "openai",
+                "max_records": 6,
+                "openai": {
+                    "base_urls": [fake.base_url],
+                    "model": "m",
+                    "api_key_env": None,
+                    "max_retries": 0,
+                },
+            },
+        }
+        path = tmp_path / "retry.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        state = fire_mpo(config=str(path), stages=["prepare", "sft", "sample"], return_state=True)
+        n_requests = len(fake.requests)
+    assert state.is_completed()
+    assert _task_states(state.state_details.flow_run_id)["sample-r1"] == "Completed"
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (sample,) = [r for r in runs if r.name == "sample-r1"]
+    assert sample.run_count == 2  # failed once, retried once
+    assert n_requests == 6 + 1  # six records, plus the one that failed; nothing redone
+    (out,) = (tmp_path / "store" / "t" / "round-1" / "sample").glob("[!.]*")
+    assert len((out / "data.jsonl").read_text().splitlines()) == 6
