@@ -171,6 +171,9 @@ class StageWriter:
 
     path: Path
     rejects: list[dict[str, str]] = field(default_factory=list)
+    #: Working files (e.g. a resume journal) removed once the stage has succeeded, just before
+    #: its manifest: kept when it fails, so a rerun of a resumable stage can use them.
+    scratch: list[Path] = field(default_factory=list)
 
     def reject(self, record_id: str, reason: str) -> None:
         fault_point("store.reject")
@@ -287,6 +290,8 @@ class ArtifactStore:
                 counts.setdefault("rejects", len(writer.rejects))
                 if max_reject_fraction is not None:
                     _check_reject_fraction(stage, tmp, writer, max_reject_fraction)
+                for p in writer.scratch:
+                    p.unlink(missing_ok=True)
                 fault_point("store.before_manifest")
                 manifest = {
                     "stage": stage,

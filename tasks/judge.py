@@ -7,6 +7,9 @@ Inputs `prepare` (records: references and answer vocabulary) and `sample` (rollo
 With `judge.shards: N > 1` the rollouts are split into N contiguous shards judged by parallel
 `judge-shard` tasks (:mod:`tasks.shards`: threads, or Dask) and merged in shard order; the output
 is byte-identical to the unsharded run.
+
+The working folder is resumable: judged rollouts go to a journal as they are judged, so a
+retried or restarted stage does not ask an LLM judge again for what it already answered.
 """
 
 from __future__ import annotations
@@ -18,10 +21,21 @@ from prefect.cache_policies import NO_CACHE
 
 from fire_mpo_core.data.io import load_records
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
-from fire_mpo_core.judge import JudgeConfig, Rejection, judge_shard, merge_judged
+from fire_mpo_core.judge import (
+    JudgeConfig,
+    Rejection,
+    build_judge,
+    judge_rollouts,
+    judge_shard,
+    merge_judged,
+)
+from fire_mpo_core.judge.journal import TRANSIENT, JudgeJournal
 from fire_mpo_core.store import DATA, StageWriter, read_jsonl, write_jsonl
 from tasks.common import Progress, StageCall, stage_task
 from tasks.shards import run_shards, shard_bounds
+
+JOURNAL = "judged.journal.jsonl"  # in the working folder; removed once the stage succeeds
+JOURNAL_EVERY = 16  # rollouts judged between journal writes (one fsync each)
 
 
 @task(
@@ -43,17 +57,36 @@ def body(call: StageCall, w: StageWriter) -> dict:
     cfg = JudgeConfig.model_validate(call.config["judge"])
     records = load_records(call.inputs["prepare"], on_reject=w.reject)
     rollouts = list(read_jsonl(call.inputs["sample"] / DATA, Rollout, w.reject))
+    # Resumable: a retried or restarted stage judges only what its journal does not hold.
+    journal = JudgeJournal(w.path / JOURNAL)
+    done = journal.load()
+    todo = [ro for ro in rollouts if ro.id not in done]
     if cfg.shards > 1:
         params = [
-            {"index": i, "config": cfg, "records": records, "rollouts": rollouts[a:b]}
-            for i, (a, b) in enumerate(shard_bounds(len(rollouts), cfg.shards))
+            {"index": i, "config": cfg, "records": records, "rollouts": todo[a:b]}
+            for i, (a, b) in enumerate(shard_bounds(len(todo), cfg.shards))
         ]
-        pairs, rejections = merge_judged(run_shards(judge_shard_task, params))
-    else:
+        new_pairs, new_rejections = merge_judged(run_shards(judge_shard_task, params))
+        journal.append([*new_pairs, *new_rejections])
+        transient = [r for r in new_rejections if r.code == TRANSIENT]
+    elif todo:
         progress = Progress(f"judge, round {call.round}: rollouts")
-        pairs, rejections = judge_shard(
-            cfg, records, rollouts, on_progress=lambda n: progress(n, len(rollouts))
-        )
+        judge = build_judge(cfg, records)
+        transient = []
+        for i in range(0, len(todo), JOURNAL_EVERY):
+            got = judge_rollouts(judge, records, todo[i : i + JOURNAL_EVERY])
+            journal.append([*got[0], *got[1]])
+            transient += [r for r in got[1] if r.code == TRANSIENT]
+            progress(len(done) + i + len(got[0]) + len(got[1]), len(rollouts))
+    else:
+        transient = []
+    # Endpoint failures are rejects of this attempt, but stay out of the journal (redone).
+    results = {**journal.load(), **{r.id: r for r in transient}}
+    # Rollout order, whatever order the (partial) runs judged them in: the output is identical.
+    ordered = [results[ro.id] for ro in rollouts if ro.id in results]
+    pairs = [r for r in ordered if isinstance(r, PreferencePair)]
+    rejections = [r for r in ordered if isinstance(r, Rejection)]
+    w.scratch.append(journal.path)  # deleted once the stage succeeds; kept for a rerun if not
     for r in rejections:
         w.reject(r.id, f"{r.code}: {r.reason}")
     write_jsonl(w.path / DATA, pairs)
@@ -75,4 +108,5 @@ judge = stage_task(
     ["tasks.judge", "tasks.shards", "fire_mpo_core.judge", "fire_mpo_core.openai_client"],
     retries=2,
     retry_delay_seconds=[10, 60],
+    resumable=True,
 )

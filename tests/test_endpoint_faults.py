@@ -241,3 +241,46 @@ def test_llm_judge_stage_rejects_after_bounded_retries(store):
     assert sorted(rejects) == ["good-0#0", "good-1#0"]
     assert all("endpoint failed" in r and "HTTP 500" in r for r in rejects.values())
     assert res.manifest["counts"]["pairs"] == 0
+
+
+def test_llm_judge_outage_fails_the_stage_then_the_rerun_asks_only_for_the_rest(store):
+    """The judge stage is resumable: judged rollouts are journaled in its working folder, so
+    after an outage (too many endpoint rejects: the stage fails) only those are asked again."""
+    prep = _prepare(store, 4)
+    ids = [f"good-{i}" for i in range(2)] + [f"rec-{i:02d}" for i in range(4)]
+    rollouts = [
+        {"id": f"{rid}#0", "record_id": rid, "sample_index": 0, "question": "Where?",
+         "response": RESPONSE, "engine": "openai", "model_key": "m", "seed": 0}
+        for rid in ids
+    ]  # fmt: skip
+    sample = finished(
+        store, "sample", lambda p: (p / "data.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rollouts))
+    )  # fmt: skip
+    with FakeOpenAI(lifetime_s=60) as fake:
+        endpoint = _endpoint([fake.base_url], max_retries=0, model="judge")
+        config = {"judge": {"name": "llm", "llm": {"endpoint": endpoint}}}
+        inputs = {"prepare": prep, "sample": sample}
+        call = StageCall(
+            store=store.root, run="r", round=1, stage="judge", config=config, inputs=inputs
+        )
+
+        def run():
+            return store.run_stage(
+                run="r", round_=1, stage="judge", config=config, inputs=inputs, code="t",
+                fn=lambda w: judge_task.body(call, w), resumable=True, max_reject_fraction=0.5,
+            )  # fmt: skip
+
+        fake.script(ok(GOOD_REPLY), ok(GOOD_REPLY))  # two answered, then the endpoint is down
+        fake.set_default(server_error(503))
+        with pytest.raises(TooManyRejects):
+            run()
+        fake.set_default(ok(GOOD_REPLY))
+        before = len(fake.requests)
+        res = run()
+        again = len(fake.requests) - before
+    assert again == len(ids) - 2  # the two judged before the outage are not asked again
+    assert not (res.path / judge_task.JOURNAL).exists()  # scratch: not part of the output
+    got = {json.loads(x)["id"] for x in (res.path / "data.jsonl").read_text().splitlines()}
+    rejected = set(_rejects(res.path))
+    assert got | rejected == {f"{i}#0" for i in ids} and not got & rejected

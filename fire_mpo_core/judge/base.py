@@ -37,6 +37,7 @@ RejectCode = Literal[
     "no_reference",  # gt_style: the reference text does not state the answer
     "invalid_pair",  # the built pair failed the validator (a judge bug or a non-minimal edit)
     "unknown_record",  # the rollout's record id is not in the dataset
+    "endpoint_error",  # the LLM judge's endpoint failed after its retries (transient: redone)
 ]
 
 

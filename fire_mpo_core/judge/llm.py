@@ -451,7 +451,7 @@ class LLMJudge:
         except ChatFailure as e:
             if bad:  # the judge answered, but never with a valid pair: say what was wrong last
                 return reject(bad[-1].code, f"llm judge: {e.reason}"[:1000], bad[-1].verdict)
-            return reject("invalid_pair", f"llm judge endpoint failed: {e.reason}"[:1000])
+            return reject("endpoint_error", f"llm judge endpoint failed: {e.reason}"[:1000])
 
     def judge_many(self, pairs: Iterable[tuple[VQARecord, Rollout]]) -> list[JudgeResult]:
         """Judge (record, rollout) pairs concurrently (``endpoint.max_concurrency`` at once);
