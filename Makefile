@@ -49,6 +49,14 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+bench: $(VENV)/.installed-bench ## run the benchmark suite and rewrite BENCHMARKS.md (<= 20 min, 2 cores)
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.run_all
+
+# The bench extra (TRL, for the trainer comparison) on top of the dev install.
+$(VENV)/.installed-bench: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]' 2>&1 | $(PIP_FILTER)
+	@touch $@
+
 serve: install ## start a Prefect server on 127.0.0.1, register the deployments, start a worker
 	bash scripts/serve.sh
 

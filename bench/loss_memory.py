@@ -26,6 +26,11 @@ step; ``--quick``, a 32k-vocabulary smoke run, took 2 min)::
     .venv/bin/python bench/loss_memory.py --lm-head trained --repeats 1 --scaling ""
     .venv/bin/python bench/loss_memory.py --out /tmp/bench_loss_memory.md
 
+``make bench`` (``bench/run_all.py``) runs the reduced setting, same vocabulary, a few minutes::
+
+    .venv/bin/python bench/loss_memory.py --hidden 256 --seqs 4 --tokens 64 \
+        --scaling 32,64,128,256 --json /tmp/loss.json
+
 It prints a markdown section (headline table with fused/naive ratios from this one run, then the
 fused peak at 128/256/512/1024 tokens per sequence) and writes it to ``--out`` if given.
 """
@@ -308,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lm-head", choices=["frozen", "trained"], default="frozen")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, help="also write the markdown here")
+    ap.add_argument("--json", type=Path, help="also write the raw results (JSON) here")
     ap.add_argument("--quick", action="store_true", help="smoke run: V=32000, sweep 128,256")
     ap.add_argument("--worker", choices=["naive", "fused"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -333,6 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.write_text(text)
+    if args.json:
+        raw = {"bench": "loss_memory", "args": {k: v for k, v in vars(args).items() if k != "out"}}
+        raw.update(naive=naive, fused=fused, scaling=scaling, wall_s=time.perf_counter() - start)
+        raw["args"]["json"] = str(args.json)
+        args.json.write_text(json.dumps(raw, indent=1))
 
 
 if __name__ == "__main__":
