@@ -76,7 +76,9 @@ from fire_mpo_core.training.batching import (
     encode_images,
     forward_hidden,
     hf_model,
+    length_grouped_permutation,
     load_pairs,
+    pair_length,
     shifted_targets,
     supports_shared_images,
 )
@@ -499,16 +501,23 @@ def _digest(cfg: TrainConfig, policy: PolicyRef, pairs: Sequence[PreferencePair]
 class _DataOrder:
     """Micro-batch k of an endless stream of seeded epoch permutations (no state to save)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None
+    ) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.per_epoch = math.ceil(n / batch_size)
+        self.lengths = lengths  # set: length-grouped epochs (less padding per micro-batch)
         self._perms: dict[int, list[int]] = {}
 
     def micro_batch(self, k: int) -> list[int]:
         epoch, j = divmod(k, self.per_epoch)
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+            if self.lengths is not None:
+                perm = length_grouped_permutation(self.lengths, self.batch_size, g)
+            else:
+                perm = torch.randperm(self.n, generator=g).tolist()
+            self._perms = {epoch: perm}
         return self._perms[epoch][j * self.batch_size : (j + 1) * self.batch_size]
 
 
@@ -636,7 +645,8 @@ def train_preference(
         )
 
     params = [p for p in model.parameters() if p.requires_grad]
-    order = _DataOrder(len(pairs), cfg.batch_size, cfg.seed)
+    lengths = [pair_length(p) for p in pairs] if cfg.group_by_length else None
+    order = _DataOrder(len(pairs), cfg.batch_size, cfg.seed, lengths)
     total = _total_steps(cfg, order)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
