@@ -129,11 +129,14 @@ def parse_result(stdout: str) -> dict[str, Any]:
     raise ValueError("no BENCH_RESULT line in the worker's output")
 
 
-def run_worker(module: str, args: list[str], timeout: float = 1800) -> dict[str, Any]:
+def run_worker(
+    module: str, args: list[str], timeout: float = 1800, env_extra: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``python -m <module> <args>`` in a fresh process from the repo root; its result."""
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update(env_extra or {})
     env.setdefault("OMP_NUM_THREADS", "1")
     done = subprocess.run(
         [sys.executable, "-m", module, *args],

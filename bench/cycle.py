@@ -9,8 +9,12 @@ rerun, and the wall time of one round vs dataset size.
   are replaced by no-ops in the direct process only). Each run is a fresh process on a fresh
   store, the two alternated, ``--repeats`` times; the process's whole wall time is compared
   (interpreter start and imports included, as a user sees it).
-* **Cached rerun**: the same command again on the finished store (every stage ``Cached``), both
-  ways.
+* **Prefect, served**: the same flow against a Prefect server that is already running (started
+  once by this benchmark, as ``make serve`` does for deployments): the per-run cost of the
+  temporary API's start-up is gone, what is left is Prefect's own orchestration (task runs,
+  states, cache records, results, artifacts).
+* **Cached rerun**: the same command again on the finished store (every stage ``Cached``), each
+  way.
 * **Scaling**: one round (sample -> judge -> corrupt -> reference -> train -> evaluate) at 1x,
   2x, 4x the training data (scans and sampled records scale; the test split is fixed, so the
   evaluation is constant by design), direct calls, per-stage seconds from the manifests.
@@ -21,7 +25,8 @@ on 2 cores (``BENCH_OVERRIDES`` below; the architecture and every stage are the 
 Run from the repository root::
 
     .venv/bin/python -m bench.cycle [--quick] [--repeats 2] [--out res.json]
-    .venv/bin/python -m bench.cycle --worker direct --store /tmp/s   # one timed cycle
+    .venv/bin/python -m bench.cycle --size default --modes served,direct --repeats 1 --scaling ""
+    .venv/bin/python -m bench.cycle --worker direct --config c.yaml  # one timed cycle
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import copy
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,7 +148,7 @@ def _no_dashboard() -> None:
 
 def worker(args: argparse.Namespace) -> dict:
     t_import = time.perf_counter()
-    if args.worker == "prefect":
+    if args.worker in ("prefect", "served"):  # served: PREFECT_API_URL set by the driver
         from flows.full_cycle import fire_mpo
 
         metrics = fire_mpo(config=args.config)
@@ -164,9 +170,16 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
+#: PREFECT_API_URL of the server the driver started (the "served" mode).
+_SERVED: dict[str, str] = {}
+
+
 def _timed(mode: str, config: Path) -> dict:
+    env = {"PREFECT_API_URL": _SERVED["url"]} if mode == "served" else {}
     t0 = time.perf_counter()
-    r = run_worker("bench.cycle", ["--worker", mode, "--config", str(config)], timeout=1800)
+    r = run_worker(
+        "bench.cycle", ["--worker", mode, "--config", str(config)], timeout=1800, env_extra=env
+    )
     r["process_s"] = time.perf_counter() - t0
     print(f"  {mode}: {r['process_s']:.1f} s", file=sys.stderr, flush=True)
     return r
@@ -201,16 +214,50 @@ def _scale_row(factor: int, over: dict, stages: dict, counts: dict, process_s: f
     }
 
 
+def _start_server(base: Path) -> subprocess.Popen:
+    """`prefect server start` on a free 127.0.0.1 port (its home in `base`); waits for health."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    prefect = Path(sys.executable).with_name("prefect")
+    proc = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the benchmark's Prefect server did not start") from None
+            time.sleep(1)
+    _SERVED["url"] = url
+    return proc
+
+
 def driver(args: argparse.Namespace) -> dict:
-    overrides = QUICK_OVERRIDES if args.quick else BENCH_OVERRIDES
+    overrides = {"quick": QUICK_OVERRIDES, "bench": BENCH_OVERRIDES, "default": {}}[args.size]
     base = Path(tempfile.mkdtemp(prefix="fire-mpo-bench-cycle-"))
     # Prefect's home (database, logs, results) inside the temporary folder, not the checkout's.
     os.environ["PREFECT_HOME"] = str(base / "prefect-home")
-    runs: dict[str, list[dict]] = {"prefect": [], "direct": []}
-    cached: dict[str, list[dict]] = {"prefect": [], "direct": []}
+    modes = tuple(args.modes)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    cached: dict[str, list[dict]] = {m: [] for m in modes}
+    server = _start_server(base) if "served" in modes else None
     try:
         for rep in range(args.repeats):
-            for mode in ("prefect", "direct") if rep % 2 == 0 else ("direct", "prefect"):
+            for mode in modes if rep % 2 == 0 else modes[::-1]:
                 store = base / f"{mode}-{rep}"
                 config = write_config(base / f"{mode}-{rep}.yaml", store, overrides)
                 runs[mode].append(_timed(mode, config))
@@ -239,6 +286,12 @@ def driver(args: argparse.Namespace) -> dict:
             )
             shutil.rmtree(store, ignore_errors=True)
     finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
         shutil.rmtree(base, ignore_errors=True)
 
     def summary(rs: list[dict]) -> dict:
@@ -265,15 +318,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="Prefect/direct pairs of runs")
     ap.add_argument("--scaling", default="1,2,4", help="data-size factors ('' to skip)")
     ap.add_argument("--quick", action="store_true", help="a toy config, 1 repeat, sizes 1,2")
+    ap.add_argument(
+        "--size",
+        choices=["bench", "default", "quick"],
+        default="bench",
+        help="cycle size: bench (reduced, fits make bench), default (configs/default.yaml)",
+    )
+    ap.add_argument(
+        "--modes", default="prefect,served,direct", help="comma-separated: prefect,served,direct"
+    )
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--worker", choices=["prefect", "direct"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["prefect", "served", "direct"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         emit(worker(args))
         return
     if args.quick:
-        args.repeats, args.scaling = 1, "1,2"
+        args.repeats, args.scaling, args.size = 1, "1,2", "quick"
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if "direct" not in args.modes:
+        ap.error("--modes must include direct (the baseline)")
     args.scaling = [int(x) for x in args.scaling.split(",") if x.strip()]
     result = driver(args)
     if args.out:
