@@ -35,7 +35,7 @@ from fire_mpo_core.training.config import ReferenceConfig
 from flows.remote import run_remote, store_id
 from tasks.common import StageCall, bind
 from tasks.corrupt import corrupt
-from tasks.dashboard import bind_dashboard
+from tasks.dashboard import dashboard
 from tasks.evaluate import evaluate
 from tasks.judge import judge
 from tasks.prepare import prepare
@@ -228,7 +228,7 @@ def publish_dashboard(cfg: CycleConfig, stage: _Runner) -> None:
     if not evaluations:
         return
     corrupted = [(k, p) for (s, k), p in out.items() if s == "corrupt" and p is not None]
-    bind_dashboard(cfg.store)(
+    dashboard(
         run=cfg.run,
         evaluations=evaluations,
         corrupt=max(corrupted)[1] if corrupted else None,
