@@ -117,6 +117,16 @@ def specs() -> list[Spec]:
             tags=("fire-mpo", "scheduled"),
         ),
         Spec(
+            name="compare",
+            entrypoint="flows.compare.compare_as_fire_mpo",
+            description="The paper's comparison: train and evaluate every variant x seed of a "
+            "compare config (configs/compare.yaml) from one SFT base and one set of pairs; "
+            "writes <store>/<run>/compare/<name>/ (table, plots, report). Parameters mirror "
+            "`python -m flows.compare`.",
+            tags=("fire-mpo", "compare"),
+            concurrency_limit=1,
+        ),
+        Spec(
             name="stage-train-gpu",
             entrypoint="flows.stage.stage_as_fire_mpo",
             pool=GPU_POOL,

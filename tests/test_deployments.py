@@ -60,6 +60,7 @@ EXPECTED = {
     "fire-mpo/next-round",
     "fire-mpo/full-cycle-gpu",
     "fire-mpo/stage-train-gpu",
+    "fire-mpo/compare",
 }
 
 

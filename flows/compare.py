@@ -1,0 +1,277 @@
+"""The paper's comparison (methods, ablations, seeds) as a Prefect flow, deployed as
+`fire-mpo/compare`.
+
+    python -m flows.compare --config configs/compare.yaml [--seeds 0,1,2] [--methods dpo,fire_mpo]
+                            [--quick] [--store DIR] [--run NAME] [--refresh]
+
+Sequencing only: the setup stages of one round (prepare, sft, evaluate r0, sample, judge,
+corrupt, reference) run once through the same `_Runner` / `run_cycle` as `fire-mpo`, so their
+keys are the full cycle's and they are cached; then for each variant of the config's `compare:`
+section and each seed, a `train` and an `evaluate` stage call in round 1 with the variant's train
+config (corruption-kind variants first get their own `corrupt` + `reference`). Every call is
+content-keyed: a rerun trains only what is missing. The table, plots and report come from
+`fire_mpo_core.compare.write_comparison` into `<store>/<run>/compare/<name>/`, and the report is
+published as a Prefect markdown artifact. `--quick` is a smoke run: the first seed only and
+`train.max_steps: 10` for every variant (its own folder name, `<name>-quick`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# As in flows/full_cycle.py, before Prefect reads its settings: a loaded 2-core machine can take
+# longer than the default 20 s to start the temporary API.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from fire_mpo_core.compare import (
+    CompareSpec,
+    RunResult,
+    load_compare,
+    variant_configs,
+    write_comparison,
+)
+from fire_mpo_core.config import ConfigError, CycleConfig, StageName
+from fire_mpo_core.corruption.batch import CorruptConfig
+from fire_mpo_core.store import canonical_json
+from fire_mpo_core.training.config import ReferenceConfig, TrainConfig
+from flows.full_cycle import TASKS, _Runner, run_cycle
+from tasks.common import StageCall, artifact_key, bind
+
+#: Round-1 stages the comparison calls itself, once per variant (the cycle's own are skipped).
+PER_VARIANT: tuple[StageName, ...] = ("train", "evaluate")
+
+
+class _SetupRunner(_Runner):
+    """`_Runner` that builds every stage of the cycle but round 1's train and evaluate."""
+
+    def is_selected(self, stage: StageName, round_: int) -> bool:
+        return not (round_ >= 1 and stage in PER_VARIANT)
+
+
+def narrow(
+    spec: CompareSpec, seeds: list[int] | None, methods: list[str] | None, quick: bool
+) -> CompareSpec:
+    """The spec restricted to `seeds` / `methods` (in the config's order); `quick`: one seed,
+    10 steps per variant, output `<name>-quick`. Raises ConfigError on unknown methods."""
+    data = spec.model_dump()
+    if methods:
+        unknown = [m for m in methods if m not in spec.variants]
+        if unknown:
+            raise ConfigError(f"--methods: unknown {unknown}; known: {', '.join(spec.variants)}")
+        data["variants"] = {n: v for n, v in data["variants"].items() if n in methods}
+        if data["baseline"] not in data["variants"]:
+            data["baseline"] = None
+    if seeds:
+        data["seeds"] = seeds
+    if quick:
+        data["seeds"] = data["seeds"][:1]
+        data["train"] = {**data["train"], "max_steps": 10, "save_every": None}
+        data["name"] = f"{spec.name}-quick"
+    return CompareSpec.model_validate(data)
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+@flow(name="fire-mpo-compare")
+def compare(
+    config: str = "configs/compare.yaml",
+    seeds: list[int] | None = None,
+    methods: list[str] | None = None,
+    quick: bool = False,
+    store: str | None = None,
+    run: str | None = None,
+    refresh: bool = False,
+) -> str:
+    """Train and evaluate every (variant, seed) from one SFT base and one set of pairs, then
+    write the comparison table, plots and report. Returns the report.md path.
+
+    Args:
+        config: compare YAML (a cycle config with a `compare:` section; see configs/compare.yaml).
+        seeds: Override compare.seeds.
+        methods: Only these variants (names from compare.variants).
+        quick: Smoke run: first seed, 10 training steps per variant, output `<name>-quick`.
+        store: Override the artifact store folder.
+        run: Override the run name.
+        refresh: Recompute the per-variant train and evaluate stages even if cached.
+    """
+    log = get_run_logger()
+    t0 = time.monotonic()
+    cfg, spec = load_compare(config, store=store, run=run)
+    spec = narrow(spec, seeds, methods, quick)
+    cfg.remote_stages = {}  # the comparison runs every stage in this flow run
+    cfg.rounds, cfg.stages = 1, None
+    runner = _SetupRunner(cfg, refresh=False)
+    run_cycle(cfg, runner)
+    out = runner.outputs
+    data, sft, eval0 = out[("prepare", 0)], out[("sft", 0)], out[("evaluate", 0)]
+    judge, base_corrupt = out[("judge", 1)], out[("corrupt", 1)]
+    assert data and sft and eval0 and judge and base_corrupt  # built by the runner above
+    setup_s = time.monotonic() - t0
+    log.info(f"Setup stages ready in {setup_s:.0f} s; {len(spec.variants)} variants x {spec.seeds}")
+
+    jobs: list[tuple[str, int, dict[str, Any], str, str]] = []
+
+    def shared_key(train_cfg: TrainConfig, corrupt_cfg: CorruptConfig) -> str:
+        ref_cfg = ReferenceConfig.for_training(train_cfg)
+        return canonical_json([_dump(corrupt_cfg), _dump(ref_cfg)])
+
+    # (corrupt config, reference config) -> their folders; the cycle's own pair is built.
+    shared = {shared_key(cfg.train, cfg.corrupt): (base_corrupt, out[("reference", 1)])}
+    for name, (train_cfg, corrupt_cfg) in variant_configs(cfg, spec).items():
+        corrupt_json = _dump(corrupt_cfg)
+        ref_cfg = _dump(ReferenceConfig.for_training(train_cfg))
+        key = shared_key(train_cfg, corrupt_cfg)
+        if key not in shared:
+            corrupted = (
+                base_corrupt
+                if corrupt_cfg == cfg.corrupt
+                else runner(
+                    "corrupt", 1, {"corrupt": corrupt_json}, {"prepare": data, "judge": judge}
+                )
+            )
+            ref = runner(
+                "reference",
+                1,
+                {"reference": ref_cfg},
+                {"prepare": data, "corrupt": corrupted, "policy": sft},
+            )
+            assert corrupted and ref
+            shared[key] = (corrupted, ref)
+        corrupted, ref = shared[key]
+        for seed in spec.seeds:
+            train_json = _dump(train_cfg.model_copy(update={"seed": seed}))
+            jobs.append((name, seed, train_json, corrupted, ref))
+
+    train_t, eval_t = bind(TASKS["train"], cfg.store), bind(TASKS["evaluate"], cfg.store)
+    results: list[RunResult] = []
+    t1 = time.monotonic()
+    # Waves of `workers` jobs: trains submitted together, then their evaluations (an
+    # evaluation's key needs its finished train folder's content digest).
+    for i in range(0, len(jobs), spec.workers):
+        wave = jobs[i : i + spec.workers]
+        trains = [
+            train_t.submit(
+                _call(
+                    cfg,
+                    "train",
+                    {"train": tj},
+                    {"prepare": data, "corrupt": c, "reference": r, "policy": sft},
+                    refresh,
+                )
+            )
+            for _, _, tj, c, r in wave
+        ]
+        train_dirs = [f.result() for f in trains]
+        evals = [
+            eval_t.submit(
+                _call(
+                    cfg,
+                    "evaluate",
+                    {"evaluate": _dump(cfg.evaluate), "dtype": cfg.model.dtype},
+                    {"prepare": data, "policy": td, "previous": eval0},
+                    refresh,
+                )
+            )
+            for td in train_dirs
+        ]
+        for (name, seed, *_), td, ev in zip(wave, train_dirs, evals, strict=True):
+            results.append(
+                RunResult(variant=name, seed=seed, train_dir=Path(td), eval_dir=Path(ev.result()))
+            )
+            log.info(f"[{len(results)}/{len(jobs)}] {name} seed {seed}: {ev.result()}")
+    runs_s = time.monotonic() - t1
+
+    out_dir = Path(cfg.store) / cfg.run / "compare" / spec.name
+    write_comparison(
+        results,
+        spec,
+        out_dir,
+        base_eval=eval0,
+        details={
+            "config": config,
+            "store": str(cfg.store),
+            "run": cfg.run,
+            "setup_seconds": round(setup_s, 1),
+            "train_evaluate_seconds": round(runs_s, 1),
+            "workers": spec.workers,
+            "sft_base": sft,
+            "pairs": judge,
+        },
+    )
+    report = (out_dir / "report.md").read_text()
+    create_markdown_artifact(
+        report,
+        key=artifact_key(f"{cfg.run}-compare-{spec.name}"),
+        description=f"Comparison `{spec.name}` of run `{cfg.run}`",
+    )
+    log.info(f"Comparison report: {out_dir / 'report.md'}")
+    return str(out_dir / "report.md")
+
+
+def _call(
+    cfg: CycleConfig, stage: StageName, config: dict, inputs: dict[str, str], refresh: bool
+) -> StageCall:
+    return StageCall(
+        store=cfg.store,
+        run=cfg.run,
+        round=1,
+        stage=stage,
+        config=config,
+        inputs={k: Path(v) for k, v in inputs.items()},
+        refresh=refresh,
+        threads=cfg.num_threads,
+    )
+
+
+#: The same flow under the pipeline's flow name: its deployment reads `fire-mpo/compare`.
+compare_as_fire_mpo = compare.with_options(name="fire-mpo")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/compare.yaml", help="compare YAML")
+    p.add_argument("--seeds", type=_ints, help="comma-separated seeds (override compare.seeds)")
+    p.add_argument("--methods", help="comma-separated variant names (default: all)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 10 steps each")
+    p.add_argument("--store", help="override the artifact store folder")
+    p.add_argument("--run", help="override the run name")
+    p.add_argument("--refresh", action="store_true", help="retrain even cached variants")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    try:  # fail fast, before any Prefect machinery starts
+        _, spec = load_compare(args.config, store=args.store, run=args.run)
+        spec = narrow(spec, args.seeds, methods, args.quick)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    report = compare(
+        config=args.config,
+        seeds=args.seeds,
+        methods=methods,
+        quick=args.quick,
+        store=args.store,
+        run=args.run,
+        refresh=args.refresh,
+    )
+    print(f"\nReport: {report}\nTable:  {Path(report).parent / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
