@@ -12,6 +12,8 @@ or unfinished, the stale cache record is forgotten first, so deleting an artifac
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fire_mpo_core.config import StageName
 from fire_mpo_core.openai_client import set_secret_resolver
 from fire_mpo_core.store import (
+    REJECTS,
     ArtifactStore,
     StageResult,
     StageWriter,
@@ -169,9 +172,13 @@ def bind(t: Task[[StageCall], str], store: Path) -> Task[[StageCall], str]:
 
 
 def publish_summary(call: StageCall, res: StageResult) -> None:
-    """A per-stage table on the dashboard: counts, rejects, time, cache hit."""
+    """A per-stage table on the dashboard: counts, rejects by reason, time, cache hit."""
     m = res.manifest
     rows = [{"metric": k, "value": v} for k, v in sorted(m.get("counts", {}).items())]
+    rows += [
+        {"metric": f"rejects: {reason}", "value": n}
+        for reason, n in rejects_by_reason(res.path / REJECTS).most_common(10)
+    ]
     rows += [
         {"metric": "seconds", "value": m.get("seconds")},
         {"metric": "cache_hit", "value": res.cached},
@@ -183,6 +190,20 @@ def publish_summary(call: StageCall, res: StageResult) -> None:
         key=artifact_key(f"{call.run}-r{call.round}-{call.stage}"),
         description=f"Stage `{call.stage}` of run `{call.run}`, round {call.round}",
     )
+
+
+def rejects_by_reason(path: Path) -> Counter[str]:
+    """Reject counts by reason kind: the reason up to its first ':' (e.g. a judge's code, or
+    "corruption failed"), so ids and file names in the text do not split the counts."""
+    out: Counter[str] = Counter()
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                reason = str(json.loads(line).get("reason", "?"))
+            except (ValueError, AttributeError):
+                continue
+            out[reason.split(":", 1)[0].strip()[:80] or "?"] += 1
+    return out
 
 
 def artifact_key(text: str) -> str:

@@ -71,3 +71,19 @@ def test_report_embeds_triptych_and_highlights_spans(tmp_path):
     assert panel[30, 30] == 255 and panel[5, 5] == 0
     # The corrupted panel shows v' (half the original intensity).
     assert png[64, 200 + 10] == 50 and png[64, 10] == 100
+
+
+def test_stage_table_counts_rejects_by_reason_kind(tmp_path):
+    from tasks.common import rejects_by_reason
+
+    lines = [
+        {"id": "a#0", "reason": "no_answer_found: no answer of the question's kind"},
+        {"id": "b#0", "reason": "no_answer_found: gibberish"},
+        {"id": "c", "reason": "image images/c.png: truncated file"},
+        {"id": "d", "reason": "duplicate id"},
+    ]
+    path = tmp_path / "rejects.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
+    got = rejects_by_reason(path)
+    assert got == {"no_answer_found": 2, "image images/c.png": 1, "duplicate id": 1}
+    assert rejects_by_reason(tmp_path / "missing.jsonl") == {}
