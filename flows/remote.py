@@ -24,7 +24,7 @@ def store_id(root: Path, create: bool = False) -> str | None:
         tmp = path.with_suffix(f".{uuid.uuid4().hex}")
         tmp.write_text(uuid.uuid4().hex)
         try:  # first writer wins: a hard link fails if another process created it meanwhile
-            tmp.hardlink_to(path)
+            path.hardlink_to(tmp)
         except FileExistsError:
             pass
         finally:

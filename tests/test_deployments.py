@@ -445,3 +445,15 @@ def test_prefect_yaml_is_generated_from_the_specs():
     assert {f"fire-mpo/{d['name']}" for d in deps} == EXPECTED
     for d in deps:  # what `prefect deploy` imports: the flow named fire-mpo
         assert load_flow_from_entrypoint(d["entrypoint"]).name == "fire-mpo"
+
+
+def test_store_id_is_created_once_and_checked(tmp_path):
+    from flows.remote import store_id
+
+    assert store_id(tmp_path / "s") is None
+    first = store_id(tmp_path / "s", create=True)
+    assert first and store_id(tmp_path / "s", create=True) == first  # never replaced
+    check_shared_store(tmp_path / "s", first)
+    with pytest.raises(RuntimeError, match="not the caller's store"):
+        check_shared_store(tmp_path / "other", first)
+    assert [p.name for p in (tmp_path / "s").iterdir()] == [".store-id"]  # no temp left
