@@ -87,25 +87,31 @@ def _noop_artifact(*args, **kwargs):
     return uuid.uuid4()
 
 
+def _stage_call(cfg, name: str, k: int, config: dict, inputs: dict):
+    """The StageCall the flow's runner would build for (name, round k)."""
+    from tasks.common import StageCall
+
+    return StageCall(
+        store=cfg.store,
+        run=cfg.run,
+        round=k,
+        stage=name,
+        config=config,
+        inputs={n: Path(v) for n, v in inputs.items()},
+        threads=cfg.num_threads,
+    )
+
+
 def _run_stage(config_path: str, stage: str, round_: int) -> None:
     """Build one (stage, round) with its task's own `run` function; resolve the others."""
     from flows.full_cycle import TASKS, load_cycle_config, run_cycle
-    from tasks.common import StageCall
 
     cfg = load_cycle_config(config_path)
 
     def runner(name, k, config, inputs):
         if any(v is None for v in inputs.values()):
             return None
-        call = StageCall(
-            store=cfg.store,
-            run=cfg.run,
-            round=k,
-            stage=name,
-            config=config,
-            inputs={n: Path(v) for n, v in inputs.items()},
-            threads=cfg.num_threads,
-        )
+        call = _stage_call(cfg, name, k, config, inputs)
         task = TASKS[name]
         if (name, k) == (stage, round_):
             return task.fn(call)
@@ -372,7 +378,6 @@ def run_cycle_direct(config_path: str) -> str | None:
     calls are no-ops); for running whole cycles in plain child processes. Returns the last
     evaluation folder."""
     import flows.full_cycle as fc
-    from tasks.common import StageCall
 
     for mod in [m for name, m in sys.modules.items() if name.startswith("tasks.")]:
         for attr in dir(mod):
@@ -383,15 +388,7 @@ def run_cycle_direct(config_path: str) -> str | None:
     def runner(name, k, config, inputs):
         if any(v is None for v in inputs.values()):
             return None
-        call = StageCall(
-            store=cfg.store,
-            run=cfg.run,
-            round=k,
-            stage=name,
-            config=config,
-            inputs={n: Path(v) for n, v in inputs.items()},
-            threads=cfg.num_threads,
-        )
+        call = _stage_call(cfg, name, k, config, inputs)
         return fc.TASKS[name].fn(call)
 
     return fc.run_cycle(cfg, runner)
