@@ -80,6 +80,14 @@ class DataConfig(_Cfg):
     report_fraction: float = Field(
         default=0.25, ge=0.0, le=1.0, description="Share of scans that also get a report record."
     )
+    sentence_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of question phrasings whose answers are model-style sentences ('Upper "
+        "left, based on the image.') instead of the bare answer: response tokens outside the "
+        "clinical spans, where span-level and sequence-level losses differ.",
+    )
     language_prior: float = Field(
         default=0.8,
         ge=0.5,
@@ -163,8 +171,56 @@ class ModelConfig(_Cfg):
         return self
 
 
+class VisionWarmupConfig(_Cfg):
+    """Dense pretraining of the tiny model's vision tower + projector before SFT
+    (fire_mpo_core.training.vision_warmup): a stand-in for a real model's pretrained encoder."""
+
+    enabled: bool | Literal["auto"] = Field(
+        default="auto",
+        description="auto: on for the tiny model built in `prepare` on SynthLesion, off for a "
+        "real checkpoint (model.name_or_path set) or a real dataset; true forces it (needs "
+        "SynthLesion lesion masks); false skips it.",
+    )
+    steps: int = Field(default=2000, ge=1, description="Optimizer steps of the warm start.")
+    batch_size: int = Field(default=32, ge=1, description="Images per step.")
+    lr: float = Field(default=3e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    pretrain_scans: int = Field(
+        default=6000,
+        ge=0,
+        description="Extra generated scans from SynthLesion's own `pretrain` seed stream (no "
+        "split's images), added to the train scans: the images a real encoder was pretrained on.",
+    )
+    polarity_weight: float = Field(
+        default=0.5, ge=0, description="Weight of the per-token lesion polarity loss."
+    )
+    modality_weight: float = Field(
+        default=0.5, ge=0, description="Weight of the image-level modality loss (global features)."
+    )
+    count_weight: float = Field(
+        default=0.5, ge=0, description="Weight of the image-level lesion count (0/1/2) loss."
+    )
+    seed: int = Field(default=0, description="Data order, flips and head initialisation seed.")
+
+    def active(self, tiny_model: bool, dataset: str) -> bool:
+        """``auto``: on only for the tiny model built in ``prepare`` on SynthLesion (a real
+        checkpoint already has a pretrained encoder; a real dataset has no dense targets)."""
+        if self.enabled == "auto":
+            return tiny_model and dataset == "synthlesion"
+        return bool(self.enabled)
+
+
 class SFTConfig(_Cfg):
     """Supervised warm start of the tiny base policy (skipped for real checkpoints)."""
+
+    vision_warmup: VisionWarmupConfig = Field(
+        default_factory=VisionWarmupConfig,
+        description="Dense vision pretraining before SFT (the tiny default's stand-in encoder).",
+    )
+    train_vision: bool = Field(
+        default=True,
+        description="Also update the vision tower + projector during SFT (false: only the decoder "
+        "learns, the warm-started features stay as pretrained).",
+    )
 
     enabled: bool = Field(default=True, description="Run SFT; off for already-tuned checkpoints.")
     epochs: float = Field(default=2.0, gt=0, description="Passes over the train split.")
@@ -200,9 +256,17 @@ class EvaluateConfig(_Cfg):
     grounding_max_samples: int = Field(
         default=64, ge=1, description="Records per grounding measurement (evenly spaced subset)."
     )
+    removal_dilate_px: int = Field(
+        default=2,
+        ge=0,
+        le=16,
+        description="Grow the lesion mask by this many pixels before removing it for the "
+        "grounding probes: a lesion's soft rim lies outside its mask (measured on SynthLesion: "
+        "inpainting the bare mask leaves a third of the lesion contrast, 2 px removes it).",
+    )
     sensitivity_corruption: Literal["inpaint", "black"] = Field(
         default="inpaint",
-        description="How the lesion is removed for visual sensitivity: inpaint (filled from the "
+        description="How a lesion is removed for the grounding probes: inpaint (filled from the "
         "surrounding tissue) or black (zeroed).",
     )
     blind_fill: int = Field(

@@ -34,7 +34,9 @@ HEADLINE = (
     "report_bleu",
     "report_rouge_l",
     "clinical_f1",
-    "visual_sensitivity",
+    "closed_lesion_accuracy",
+    "grounded_accuracy",
+    "keep_accuracy",
     "blind_accuracy",
     "logp_drop_lesion_removed",
 )

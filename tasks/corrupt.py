@@ -3,7 +3,8 @@
 Inputs `prepare` (images, lesion masks) and `judge` (pairs). Each distinct (image, mask source)
 is corrupted once, deterministically, into `images/<id>.png`; output `data.jsonl` holds the pairs
 with `corrupted_image` set (relative to this folder), `quality.jsonl` the per-image checks
-(changed fraction inside / outside the mask, SSIM inside), and `hf_dataset/` the pairs in TRL's
+(changed fraction inside / outside the mask, SSIM inside, and the lesion evidence that
+remains in v': `evidence_remaining`, `evidence_removed`), and `hf_dataset/` the pairs in TRL's
 vision preference columns plus our span columns.
 
 With `corrupt.shards: N > 1` the distinct images are split into N contiguous shards corrupted by
@@ -81,6 +82,7 @@ def body(call: StageCall, w: StageWriter) -> dict:
         results = corrupt_to_files(todo, cfg, image_dir)
     ok: set[str] = set()
     paths: Counter[str] = Counter()
+    evidence: Counter[str] = Counter()
     with (w.path / "quality.jsonl").open("w") as q:
         for res in results:
             if res.error is not None:
@@ -88,6 +90,9 @@ def body(call: StageCall, w: StageWriter) -> dict:
                 continue
             q.write(json.dumps({"id": res.id, **res.info}, sort_keys=True, default=str) + "\n")
             paths[str(res.info.get("path", "unknown"))] += 1
+            removed = (res.info.get("quality") or {}).get("evidence_removed")
+            if removed is not None:
+                evidence["removed" if removed else "kept"] += 1
             ok.add(res.id)
     out = []
     for p in pairs:
@@ -100,9 +105,16 @@ def body(call: StageCall, w: StageWriter) -> dict:
         out.append(p.model_copy(update={"corrupted_image": f"images/{iid}.png"}))
     write_jsonl(w.path / DATA, out)
     export_hf_dataset(out, root, w.path / "hf_dataset", corrupt_root=w.path)
+    lesion_images = evidence["removed"] + evidence["kept"]
     return {
         "pairs": len(out),
         "images": len(ok),
+        # Lesion images whose v' no longer shows the lesion (quality.jsonl: evidence_removed).
+        "lesion_images": lesion_images,
+        "evidence_removed": evidence["removed"],
+        "evidence_removed_share": round(evidence["removed"] / lesion_images, 4)
+        if lesion_images
+        else None,
         **{f"path_{k}": v for k, v in sorted(paths.items())},
     }
 

@@ -24,7 +24,9 @@ HEADLINE = (
     "open_recall",
     "report_token_f1",
     "clinical_f1",
-    "visual_sensitivity",
+    "closed_lesion_accuracy",
+    "grounded_accuracy",
+    "keep_accuracy",
     "blind_accuracy",
     "lesion_attention_ratio",
 )

@@ -24,7 +24,8 @@ def body(call: StageCall, w: StageWriter) -> dict:
         return {"steps": 0}
     records = load_records(data_root, splits=("train",), on_reject=w.reject)
     metrics = run_sft(
-        base.base, records, data_root, cfg, w.path / "model", call.config["dtype"], w.reject
+        base.base, records, data_root, cfg, w.path / "model", call.config["dtype"], w.reject,
+        call.config.get("warm_vision", False),
     )
     write_policy(w.path, PolicyRef(base="model"))
     return metrics
@@ -33,6 +34,12 @@ def body(call: StageCall, w: StageWriter) -> dict:
 sft = stage_task(
     "sft",
     body,
-    ["tasks.sft", "fire_mpo_core.training.sft", "fire_mpo_core.models", "fire_mpo_core.data"],
+    [
+        "tasks.sft",
+        "fire_mpo_core.training.sft",
+        "fire_mpo_core.training.vision_warmup",
+        "fire_mpo_core.models",
+        "fire_mpo_core.data",
+    ],
     tags=["compute"],
 )

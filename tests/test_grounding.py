@@ -1,5 +1,5 @@
-"""Visual-grounding metrics: hand-worked attention ratios and patch coverage, the truth after
-lesion removal, and the measurements on the tiny LLaVA / Qwen2-VL models."""
+"""Visual-grounding metrics: hand-worked attention ratios and patch coverage, the grounding
+probes (truth on v and on v'), and the measurements on the tiny LLaVA / Qwen2-VL models."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from fire_mpo_core.config import DataConfig, EvaluateConfig, ModelConfig
+from fire_mpo_core.corruption.ops import dilate_mask
 from fire_mpo_core.data.io import load_records, open_image
-from fire_mpo_core.data.records import VQARecord
 from fire_mpo_core.data.synthlesion import generate_synthlesion
 from fire_mpo_core.evaluation.grounding import (
     _mask,
@@ -22,10 +22,10 @@ from fire_mpo_core.evaluation.grounding import (
     attention_ratios,
     evenly,
     lesion_attention_ratio,
-    lesion_removed,
     patch_coverage,
-    removed_truth,
+    removed_image,
 )
+from fire_mpo_core.evaluation.probes import build_probes
 from fire_mpo_core.evaluation.vqa import evaluate_policy
 from fire_mpo_core.models import build_tiny_model, encode_batch, load_model, load_processor
 from fire_mpo_core.policy import PolicyRef
@@ -68,39 +68,6 @@ def test_patch_coverage_whole_image_and_clip_centre_crop():
     assert patch_coverage(wide, (2, 2), crop=(4, 4, 4)).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
-def _rec(answer_type, qtype, answer, mask="masks/x.png"):
-    return VQARecord(
-        id="r",
-        image="images/x.png",
-        mask=mask,
-        question="q?",
-        answer=answer,
-        answer_type=answer_type,
-        question_type=qtype,
-        split="test",
-    )
-
-
-@pytest.mark.parametrize(
-    ("answer_type", "qtype", "answer", "mask", "truth"),
-    [
-        ("closed", "presence", "yes", "m.png", "no"),
-        ("closed", "quadrant", "yes", "m.png", "no"),
-        ("closed", "count", "yes", "m.png", "no"),
-        ("closed", "PRES", "yes", "m.png", "no"),  # VQA-RAD's presence type
-        ("closed", "quadrant", "no", "m.png", None),  # still "no": no change to follow
-        ("closed", "side", "yes", "m.png", None),  # "is the lesion on the left": undefined
-        ("closed", "presence", "yes", None, None),  # no mask: nothing to remove
-        ("open", "count", "two", "m.png", "none"),
-        ("open", "abnormality", "hypodense round lesion", "m.png", "none"),
-        ("open", "location", "upper left", "m.png", None),
-        ("open", "modality", "ct", "m.png", None),
-    ],
-)
-def test_removed_truth(answer_type, qtype, answer, mask, truth):
-    assert removed_truth(_rec(answer_type, qtype, answer, mask)) == truth
-
-
 def test_evenly():
     assert evenly(list(range(10)), 4) == [0, 2, 5, 7]
     assert evenly([1, 2], 5) == [1, 2]
@@ -119,13 +86,39 @@ def tiny(tmp_path_factory):
     return root
 
 
-def test_lesion_removed_changes_only_the_lesion(tiny):
+def test_removed_image_changes_only_the_grown_lesion(tiny):
     rec = next(r for r in load_records(tiny, splits=("test",)) if r.mask)
     before = np.asarray(open_image(tiny, rec.image)).astype(int)
-    after = np.asarray(lesion_removed(tiny, rec)).astype(int)
+    after = np.asarray(removed_image(tiny, rec.image, [rec.mask], 2, "inpaint")).astype(int)
     inside = _mask(tiny, rec, before.shape[:2])
-    assert np.array_equal(before[~inside], after[~inside])
+    grown = dilate_mask(inside, 2)
+    assert np.array_equal(before[~grown], after[~grown])
     assert np.abs(before[inside] - after[inside]).mean() > 5  # the lesion is painted over
+
+
+def test_probes_by_kind_hand_counted(tiny):
+    recs = load_records(tiny, splits=("test",))
+    scans = {r.image: r for r in recs}
+    n1 = sum(len(r.lesions) == 1 for r in scans.values())
+    n2 = sum(len(r.lesions) == 2 for r in scans.values())
+    n0 = sum(not r.lesions for r in scans.values())
+    probes = build_probes(recs)
+    kinds = [p.kind for p in probes]
+    # Per lesion scan: presence + count + one quadrant probe per lesion; per 2-lesion scan also
+    # (presence, count, other quadrant) x 2 keep probes; per lesion-free scan one presence probe.
+    assert kinds.count("remove") == 3 * n1 + 4 * n2
+    assert kinds.count("keep") == 6 * n2
+    assert kinds.count("free") == n0
+    for p in probes:
+        if p.kind == "remove" and p.question_type == "presence":
+            assert (p.truth, p.truth_removed) == ("yes", "no")
+            assert set(p.remove) == {le.mask for le in scans[p.image].lesions}
+        if p.kind == "keep" and p.question_type == "count":
+            assert (p.truth, p.truth_removed, len(p.remove)) == ("two", "one", 1)
+        if p.kind == "free":
+            assert p.truth == "no" and p.remove == () and p.truth_removed is None
+    assert len({p.id for p in probes}) == len(probes)
+    assert build_probes([r.model_copy(update={"dataset": "slake"}) for r in recs]) == []
 
 
 def test_answer_logprobs_match_the_models_own_loss(tiny):
@@ -170,19 +163,32 @@ def test_evaluate_policy_writes_grounding_metrics(tiny, tmp_path):
     on_disk = json.loads((tmp_path / "g" / "metrics.json").read_text())
     assert on_disk == {k: v for k, v in m.items() if k != "samples_per_second"}
     assert all(v is None or isinstance(v, int | float) for v in on_disk.values())  # flat
-    for key in ("visual_sensitivity", "blind_accuracy", "lesion_attention_ratio_l1"):
+    for key in (
+        "grounded_accuracy",
+        "keep_accuracy",
+        "blind_accuracy",
+        "lesion_attention_ratio_l1",
+    ):
         assert key in on_disk
-    assert 0 < on_disk["n_visual_sensitivity"] <= 5 and 0 < on_disk["n_blind"] <= 5
-    assert 0.0 <= on_disk["visual_sensitivity"] <= 1.0 and 0.0 <= on_disk["blind_accuracy"] <= 1
+    # Every headline rate carries its n and a 95% interval around it.
+    for key in ("grounded_accuracy", "closed_lesion_accuracy", "presence_accuracy_truth_no"):
+        n, lo, hi = (on_disk[f"{key}_{s}"] for s in ("n", "ci_low", "ci_high"))
+        assert n > 0 and 0.0 <= lo <= on_disk[key] <= hi <= 1.0
+    assert 0 < on_disk["n_blind"] <= 5
     rows = [json.loads(x) for x in (tmp_path / "g" / "grounding.jsonl").read_text().splitlines()]
-    assert {r["measure"] for r in rows} == {"sensitivity", "blind", "attention"}
+    measures = {r["measure"] for r in rows}
+    assert {"probe_remove", "blind", "attention"} <= measures
+    # Right on both means right on v and right on v', row by row.
+    for r in rows:
+        if r["measure"] == "probe_remove":
+            assert r["right_both"] == (r["right"] and r["right_removed"])
     off = evaluate_policy(
         PolicyRef(base=str(tiny / "llava")),
         tiny,
         EvaluateConfig(max_new_tokens=4, grounding=False),
         tmp_path / "n",
     )
-    assert "visual_sensitivity" not in off and not (tmp_path / "n" / "grounding.jsonl").exists()
+    assert "grounded_accuracy" not in off and not (tmp_path / "n" / "grounding.jsonl").exists()
     assert off["closed_accuracy"] == m["closed_accuracy"]  # grounding does not touch answers
 
 

@@ -282,7 +282,13 @@ def corrupt_for_record(
     if kind == "noise":
         info["sigma"] = float(params["sigma"])
     if cfg.quality:
-        info["quality"] = corruption_quality(image, out, region).model_dump()
+        # Evidence numbers need the lesion's own mask: the dataset's (or the segmenter's).
+        lesion = None
+        if path == "dataset_mask":
+            lesion = validate_mask(mask, image.shape)
+        elif path == "segmenter":
+            lesion = found.astype(bool)
+        info["quality"] = corruption_quality(image, out, region, lesion).model_dump()
     return out, info
 
 

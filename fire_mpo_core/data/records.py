@@ -135,6 +135,12 @@ class PreferencePair(BaseModel):
     )
     style: Literal["on_policy", "gt_style", "style_agnostic"] = "on_policy"
     corrupted_image: str | None = None
+    reverses_on_removal: bool | None = Field(
+        default=None,
+        description="True when removing the lesion (v') makes `rejected` the right answer, so "
+        "the reverse visual term r(v', y-) > r(v', y+) is semantically right for this pair "
+        "(see `lesion_removal_reverses`); None: not known (pairs written before this field).",
+    )
 
     @classmethod
     def for_record(
@@ -160,4 +166,35 @@ class PreferencePair(BaseModel):
             rejected_spans=rejected[1],
             verdict=verdict,
             style=style,
+            reverses_on_removal=lesion_removal_reverses(record, chosen[0], rejected[0]),
         )
+
+
+#: Question types whose "yes" becomes "no" once every lesion is removed (closed), or whose answer
+#: becomes "none" (open).
+_YES_TO_NO = frozenset({"presence", "quadrant", "count"})
+_TO_NONE = frozenset({"count", "abnormality"})
+
+
+def _first_word(text: str) -> str:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return words[0] if words else ""
+
+
+def lesion_removal_reverses(record: VQARecord, chosen: str, rejected: str) -> bool:
+    """Whether v' (the image with its lesions removed) makes ``rejected`` the right answer.
+
+    The paper's reverse visual term asks r(v', y-) > r(v', y+) of every pair. That is right only
+    where y+ asserts the lesion that v' removes and y- denies it: a closed presence / quadrant /
+    count question answered "yes" by y+ and "no" by y-, or an open count / abnormality question
+    whose y- is "none". For a modality question, a "no" answer, a lesion attribute or a
+    lesion-free scan it pushes toward the wrong answer (measured on SynthLesion: right for 23%
+    of pairs). Needs the record's lesion mask (no mask: nothing is removed)."""
+    if not record.mask:
+        return False
+    qtype = record.question_type.strip().lower()
+    if record.answer_type == "closed" and qtype in _YES_TO_NO:
+        return _first_word(chosen) == "yes" and _first_word(rejected) == "no"
+    if record.answer_type == "open" and qtype in _TO_NONE:
+        return _first_word(rejected) == "none" and _first_word(chosen) != "none"
+    return False

@@ -41,7 +41,10 @@ count, location ("Where are the lesions?" -> ``"upper left and lower right"``) a
 questions are asked. About half the slots are closed, half open. ``answer`` is the canonical short
 answer in the model's style (lowercase); ``reference`` is the same fact in a verbose clinical style
 ("Yes, a focal lesion is present.", "The lesion is located in the left upper quadrant."), the
-paper's "reference texts in another style" failure mode. For ``report_fraction`` of the scans an
+paper's "reference texts in another style" failure mode. A ``sentence_fraction`` share of the
+question phrasings (all splits alike, :func:`framed`) gets its answers as a model-style sentence
+(:func:`sentence_answer`: "Upper left, based on the image."), so that most response tokens lie
+outside the clinical spans, as in a real model's answers. For ``report_fraction`` of the scans an
 IU-Xray-style report record is added: 2-4 sentences where 1-2 clinical sentences carry the facts
 among filler sentences ("No motion artifact is present."); its reference is a differently worded
 report of the same facts.
@@ -61,6 +64,7 @@ the scan index, so the presence rate of a split is close to its target even for 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -107,7 +111,8 @@ PRIOR_CLOSED_TYPES = frozenset({"quadrant"})
 COUNT_QUESTION_RATE = 0.35
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-_SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
+#: "pretrain" is no dataset split: it seeds the unlabeled scans of the vision warm start.
+_SPLIT_CODE = {"train": 1, "val": 2, "test": 3, "pretrain": 4}
 _INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0  # golden-ratio step of the low-discrepancy sequence
 _PNG_COMPRESS_LEVEL = 6
 
@@ -848,6 +853,26 @@ def make_report(rng: np.random.Generator, modality: str, lesions: Sequence[Rende
 # ----------------------------------------------------------------------------------------------
 
 
+#: The model-style sentence frame of a short answer (``DataConfig.sentence_fraction``).
+SENTENCE_FRAME = "{}, based on the image."
+
+
+def sentence_answer(short: str) -> str:
+    """A short answer as a model-style sentence: ``"upper left"`` -> ``"Upper left, based on the
+    image."``. The frame carries no clinical word, so a judge's minimal edit changes only the
+    answer words and most response tokens lie outside the marked spans (span-level ranking and
+    the span KL then differ from sequence-level DPO)."""
+    return SENTENCE_FRAME.format(short[:1].upper() + short[1:])
+
+
+def framed(question: str, fraction: float) -> bool:
+    """Whether answers to this question phrasing are sentences: a stable digest of the phrasing,
+    so each phrasing always gets one format (a model can learn which) and about ``fraction`` of
+    the phrasings are framed."""
+    digest = hashlib.blake2b(question.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") / 2**32 < fraction
+
+
 def _seed64(seed: int) -> int:
     return seed % (1 << 64)  # SeedSequence wants a non-negative entropy
 
@@ -899,6 +924,18 @@ def scan_plan(
         for q in quads
     ]
     return modality, specs
+
+
+def pretrain_scan(seed: int, index: int, image_size: int) -> tuple[str, np.ndarray, list]:
+    """Scan ``index`` of the vision warm start's image pool: (modality, uint8 image, lesions).
+
+    Drawn like a val/test scan (balanced presence, uniform quadrants) from its own seed stream,
+    so it is none of the dataset's images; it stands in for the images a real vision encoder
+    was pretrained on. No questions are drawn for it."""
+    rng = image_rng(seed, "pretrain", index)
+    modality, specs = scan_plan(rng, seed, "pretrain", index, 0.5)
+    image, lesions = render_scan(rng, modality, image_size, specs)
+    return modality, image, lesions
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -970,12 +1007,15 @@ def generate_synthlesion(cfg: DataConfig, out_dir: Path) -> dict[str, int]:
                     qas.append(make_report(rng, modality, lesions))
                     ids.append(f"{stem}-report")
                 for rid, qa in zip(ids, qas):
+                    answer = qa.answer
+                    if qa.answer_type != "report" and framed(qa.question, cfg.sentence_fraction):
+                        answer = sentence_answer(answer)
                     rec = VQARecord(
                         id=rid,
                         image=image_rel,
                         mask=mask_rel,
                         question=qa.question,
-                        answer=qa.answer,
+                        answer=answer,
                         reference=qa.reference,
                         answer_type=qa.answer_type,
                         question_type=qa.question_type,

@@ -6,17 +6,14 @@ Three measurements on a capped, evenly spaced subset of the evaluated split
     from fire_mpo_core.evaluation.grounding import measure_grounding
     metrics, rows = measure_grounding(model, processor, data_root, records, predictions, cfg)
 
-1. **Visual sensitivity.** Records with a lesion mask whose answer has a known value once every
-   lesion is gone (:func:`removed_truth`: presence / quadrant / count "yes" -> "no", open count
-   and abnormality -> "none"). The lesion is removed from the image (``inpaint`` corruption inside
-   the union mask, v'), the model answers again, and
-
-   * ``visual_sensitivity``: share of answers on v' that are right for the *updated* truth
-     (the answer follows the image);
-   * ``visual_flip_rate``: share whose answer on v' differs from the answer on v;
-   * ``visual_logp_drop``: mean of ``log p(y+ | v, q) - log p(y+ | v', q)`` where y+ is the
-     original reference answer (summed over its tokens and EOS): how much less likely the old
-     answer becomes; > 0 means the model uses the lesion.
+1. **Grounding probes** (:mod:`~fire_mpo_core.evaluation.probes`, the headline). Questions
+   whose right answer is known on v and on v' (one or every lesion inpainted away, the mask
+   grown by ``removal_dilate_px``), scored right-on-both so that answer bias cannot game them:
+   ``grounded_accuracy`` (every lesion or the asked one removed: presence / quadrant "yes" ->
+   "no", count -> "none"), ``keep_accuracy`` (one of two lesions removed: the finding stays),
+   ``flip_given_right``, ``presence_accuracy_truth_yes`` / ``_truth_no``, and
+   ``visual_logp_drop`` = mean of ``log p(truth | v, q) - log p(truth | v', q)``. Each rate has
+   ``_n``, ``_ci_low`` and ``_ci_high`` (95% Wilson).
 
 2. **Blind accuracy.** Closed questions answered on a blank image (one grey level, the original
    size): ``blind_accuracy`` (lower = less language prior) and ``blind_gap`` = accuracy of the
@@ -53,34 +50,15 @@ from torch import Tensor
 
 from fire_mpo_core.config import EvaluateConfig
 from fire_mpo_core.corruption import corrupt, load_mask
+from fire_mpo_core.corruption.ops import dilate_mask
 from fire_mpo_core.data.io import open_image, resolve_in_root
 from fire_mpo_core.data.records import VQARecord
+from fire_mpo_core.data.synthlesion import sentence_answer
 from fire_mpo_core.evaluation.clinical import clinical_spans
-from fire_mpo_core.evaluation.metrics import closed_correct, exact_match, normalize
-from fire_mpo_core.judge.lexicon import category_of
+from fire_mpo_core.evaluation.metrics import closed_correct, exact_match
+from fire_mpo_core.evaluation.probes import Probe, build_probes
+from fire_mpo_core.evaluation.stats import rate_with_ci
 from fire_mpo_core.models import encode_batch, generate, model_inputs
-
-#: Closed question types whose "yes" becomes "no" once every lesion is removed.
-_YES_TO_NO = frozenset({"presence", "quadrant", "count"})
-#: Open question types whose answer becomes "none" (zero lesions, no abnormality).
-_TO_NONE = frozenset({"count", "abnormality"})
-
-
-def removed_truth(record: VQARecord) -> str | None:
-    """The answer once every lesion of ``record`` is removed from its image, or None when it is
-    unknown (no mask, a question about the lesion's own attributes, or an answer that does not
-    change). Assumes ``record.mask`` covers every lesion (SynthLesion's union mask)."""
-    if not record.mask:
-        return None
-    qtype = record.question_type.strip().lower()
-    cat = category_of(qtype)
-    if record.answer_type == "closed":
-        if normalize(record.answer) == "yes" and (qtype in _YES_TO_NO or cat == "presence"):
-            return "no"
-        return None
-    if record.answer_type == "open" and (qtype in _TO_NONE or cat in _TO_NONE):
-        return None if normalize(record.answer) in ("none", "0", "zero") else "none"
-    return None
 
 
 def evenly(items: Sequence[Any], n: int) -> list[Any]:
@@ -90,13 +68,6 @@ def evenly(items: Sequence[Any], n: int) -> list[Any]:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
-def answer_correct(record: VQARecord, prediction: str, truth: str) -> bool:
-    """Closed: the yes/no regex shortcut / normalised match; open: normalised exact match."""
-    if record.answer_type == "closed":
-        return closed_correct(prediction, truth)
-    return exact_match(prediction, truth)
-
-
 def _mask(root, record: VQARecord, shape: tuple[int, int]) -> np.ndarray:
     """The record's lesion mask as bool HxW at the image's size (nearest resize if needed)."""
     m = load_mask(resolve_in_root(root, record.mask))
@@ -104,14 +75,6 @@ def _mask(root, record: VQARecord, shape: tuple[int, int]) -> np.ndarray:
         m = cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
         m = m.astype(bool)
     return m
-
-
-def lesion_removed(root, record: VQARecord, kind: str = "inpaint", seed: int = 0) -> Image.Image:
-    """The record's image with the lesion region corrupted by ``kind`` (inpaint: filled from
-    the surrounding tissue, so the lesion is gone), RGB."""
-    img = np.asarray(open_image(root, record.image))
-    out = corrupt(img, _mask(root, record, img.shape[:2]), kind, seed)
-    return Image.fromarray(out)
 
 
 @torch.no_grad()
@@ -271,6 +234,108 @@ def _mean(xs: Sequence[float], digits: int = 4) -> float | None:
     return round(sum(xs) / len(xs), digits) if xs else None
 
 
+def removed_image(root, image: str, masks: Sequence[str], dilate_px: int, kind: str) -> Image.Image:
+    """``image`` with the union of ``masks`` (grown by ``dilate_px``: a lesion's soft rim lies
+    outside its mask) removed by ``kind`` (inpaint: filled from the surrounding tissue), RGB."""
+    img = np.asarray(open_image(root, image))
+    union = np.zeros(img.shape[:2], bool)
+    for m in masks:
+        union |= _mask_file(root, m, img.shape[:2])
+    return Image.fromarray(corrupt(img, dilate_mask(union, dilate_px), kind, 0))
+
+
+def _mask_file(root, rel: str, shape: tuple[int, int]) -> np.ndarray:
+    m = load_mask(resolve_in_root(root, rel))
+    if m.shape != shape:
+        m = cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return m.astype(bool)
+
+
+def _probe_correct(p: Probe, prediction: str, truth: str) -> bool:
+    if p.answer_type == "closed":
+        return closed_correct(prediction, truth)
+    # The bare answer or SynthLesion's sentence form of it ("None, based on the image.").
+    return exact_match(prediction, truth) or exact_match(prediction, sentence_answer(truth))
+
+
+@torch.no_grad()
+def score_probes(
+    model, processor, root, probes: Sequence[Probe], cfg: EvaluateConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Answer every probe on v and v' and score it (rates with n and 95% Wilson intervals).
+
+    Keys: ``grounded_accuracy`` (remove probes right on v and on v': the headline),
+    ``grounded_accuracy_closed`` (its presence + quadrant part), ``keep_accuracy`` (keep
+    probes right both ways), ``flip_given_right`` (remove probes right on v' among those right
+    on v), ``presence_accuracy_truth_yes`` / ``_truth_no`` (presence on lesion scans / on
+    lesion-free scans) and their mean ``presence_balanced_accuracy``, ``visual_logp_drop``
+    (mean log p(truth | v) - log p(truth | v') over closed remove probes; > 0: the model uses
+    the lesion)."""
+    gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
+    # Each distinct (image, question) is answered once on v, each (image, removed, question)
+    # once on v'.
+    clean_keys = sorted({(p.image, p.question) for p in probes})
+    removed_keys = sorted({(p.image, p.remove, p.question) for p in probes if p.remove})
+    images = {img: open_image(root, img) for img, _ in clean_keys}
+    outs = generate(model, processor, [images[i] for i, _ in clean_keys],
+                    [q for _, q in clean_keys], **gen)  # fmt: skip
+    on_v = {k: o[0] for k, o in zip(clean_keys, outs)}
+    edited = {
+        (img, rm): removed_image(root, img, rm, cfg.removal_dilate_px, cfg.sensitivity_corruption)
+        for img, rm, _ in removed_keys
+    }
+    outs = generate(model, processor, [edited[(i, rm)] for i, rm, _ in removed_keys],
+                    [q for _, _, q in removed_keys], **gen)  # fmt: skip
+    on_vp = {k: o[0] for k, o in zip(removed_keys, outs)}
+    rows, flags = [], {k: [] for k in ("both", "both_closed", "keep", "flip", "yes", "no")}
+    lp_items = []
+    for p in probes:
+        pred_v = on_v[(p.image, p.question)]
+        right_v = _probe_correct(p, pred_v, p.truth)
+        row = {"id": p.id, "measure": f"probe_{p.kind}", "question": p.question,
+               "truth": p.truth, "prediction": pred_v, "right": right_v}  # fmt: skip
+        if p.kind == "free":
+            flags["no"].append(right_v)
+        else:
+            pred_vp = on_vp[(p.image, p.remove, p.question)]
+            right_vp = _probe_correct(p, pred_vp, p.truth_removed)
+            both = right_v and right_vp
+            row |= {"truth_removed": p.truth_removed, "prediction_removed": pred_vp,
+                    "right_removed": right_vp, "right_both": both}  # fmt: skip
+            if p.kind == "remove":
+                flags["both"].append(both)
+                if p.answer_type == "closed":
+                    flags["both_closed"].append(both)
+                    lp_items.append(p)
+                if right_v:
+                    flags["flip"].append(right_vp)
+                if p.question_type == "presence":
+                    flags["yes"].append(right_v)
+            else:
+                flags["keep"].append(both)
+        rows.append(row)
+    metrics: dict[str, Any] = {}
+    for key, name in (("both", "grounded_accuracy"), ("both_closed", "grounded_accuracy_closed"),
+                      ("keep", "keep_accuracy"), ("flip", "flip_given_right"),
+                      ("yes", "presence_accuracy_truth_yes"),
+                      ("no", "presence_accuracy_truth_no")):  # fmt: skip
+        metrics |= rate_with_ci(name, flags[key])
+    yes, no = metrics["presence_accuracy_truth_yes"], metrics["presence_accuracy_truth_no"]
+    metrics["presence_balanced_accuracy"] = (
+        round((yes + no) / 2, 4) if yes is not None and no is not None else None
+    )
+    if lp_items:
+        bs = min(cfg.batch_size, 16)
+        qs, ys = [p.question for p in lp_items], [p.truth for p in lp_items]
+        lp_v = answer_logprobs(model, processor, [images[p.image] for p in lp_items], qs, ys, bs)
+        lp_vp = answer_logprobs(
+            model, processor, [edited[(p.image, p.remove)] for p in lp_items], qs, ys, bs
+        )
+        metrics["visual_logp_drop"] = _mean([a - b for a, b in zip(lp_v, lp_vp)], 6)
+        metrics["visual_logp_drop_n"] = len(lp_items)
+    return metrics, rows
+
+
 def measure_grounding(
     model,
     processor,
@@ -279,14 +344,15 @@ def measure_grounding(
     predictions: Mapping[str, str],
     cfg: EvaluateConfig,
 ) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
-    """Visual sensitivity, blind accuracy and lesion attention ratios (module docstring).
+    """Grounding probes, blind accuracy and lesion attention ratios (module docstring).
 
     Args:
         model, processor: the policy in eval mode.
         root: dataset root of ``records``.
         records: the evaluated records.
         predictions: record id -> the model's answer with the real image (from the benchmark).
-        cfg: ``grounding_max_samples``, ``sensitivity_corruption``, ``blind_fill``,
+        cfg: ``grounding_max_samples``, ``sensitivity_corruption``, ``removal_dilate_px``,
+            ``blind_fill``,
             ``batch_size``, ``max_new_tokens``.
 
     Returns:
@@ -294,42 +360,19 @@ def measure_grounding(
     """
     n, bs = cfg.grounding_max_samples, cfg.batch_size
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": bs}
-    score_bs = min(bs, 16)  # full-vocabulary logits: keep the batch small for real models
     # Headline keys are always present (None: nothing in this split could be measured).
     metrics: dict[str, float | int | None] = dict.fromkeys(
-        ("visual_sensitivity", "visual_flip_rate", "visual_logp_drop", "blind_accuracy",
+        ("grounded_accuracy", "keep_accuracy", "visual_logp_drop", "blind_accuracy",
          "blind_gap", "lesion_attention_ratio")
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
 
-    # 1. Visual sensitivity on lesion-removed images.
-    sens = evenly([r for r in records if removed_truth(r) is not None], n)
-    if sens:
-        clean = [open_image(root, r.image) for r in sens]
-        removed = [lesion_removed(root, r, cfg.sensitivity_corruption) for r in sens]
-        qs, ys = [r.question for r in sens], [r.answer for r in sens]
-        preds = [o[0] for o in generate(model, processor, removed, qs, **gen)]
-        lp_v = answer_logprobs(model, processor, clean, qs, ys, score_bs)
-        lp_vp = answer_logprobs(model, processor, removed, qs, ys, score_bs)
-        follows, flips, drops = [], [], []
-        for r, p, a, b in zip(sens, preds, lp_v, lp_vp):
-            truth = removed_truth(r)
-            ok = answer_correct(r, p, truth)
-            before = predictions.get(r.id)
-            flip = before is not None and normalize(before) != normalize(p)
-            follows.append(float(ok))
-            flips.append(float(flip))
-            drops.append(a - b)
-            rows.append(
-                {"id": r.id, "measure": "sensitivity", "truth_removed": truth, "prediction": p,
-                 "prediction_clean": before, "follows": ok, "logp_clean": a, "logp_removed": b}
-            )  # fmt: skip
-        metrics |= {
-            "visual_sensitivity": _mean(follows),
-            "visual_flip_rate": _mean(flips),
-            "visual_logp_drop": _mean(drops, 6),  # small on a model that ignores the lesion
-        }
-    metrics["n_visual_sensitivity"] = len(sens)
+    # 1. Grounding probes: right on v and on v' (evaluation.probes), the headline.
+    probes = build_probes(records)
+    if probes:
+        g_metrics, g_rows = score_probes(model, processor, root, probes, cfg)
+        metrics |= g_metrics
+        rows += g_rows
 
     # 2. Blind accuracy: closed questions on a blank image of the original size.
     blind = evenly([r for r in records if r.answer_type == "closed"], n)

@@ -50,7 +50,9 @@ def yes_no(text: str) -> str | None:
 
 def closed_correct(prediction: str, reference: str) -> bool:
     """Closed-question correctness: yes/no by regex, otherwise normalised exact match."""
-    ref = yes_no(reference) if normalize(reference) in ("yes", "no") else None
+    # A yes/no reference, bare or as a sentence ("Yes, based on the image."): the regex shortcut.
+    words = normalize(reference).split()
+    ref = yes_no(reference) if words and words[0] in ("yes", "no") else None
     if ref is not None:
         return yes_no(prediction) == ref
     return exact_match(prediction, reference)

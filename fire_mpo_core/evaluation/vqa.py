@@ -7,12 +7,16 @@ Writes `out_dir/data.jsonl` (one prediction per record), `out_dir/metrics.json` 
 named metrics, DESIGN.md section 5) and, with grounding on, `out_dir/grounding.jsonl` (one row
 per grounding sample). Metrics (one float each, None where the split has nothing to score):
 
-* answers: `closed_accuracy`, `open_exact_match`, `open_recall`, `open_f1`, per question type
-  (`closed_<type>_accuracy`, `open_<type>_exact`), counts `n_closed`, `n_open`, `n_report`;
+* answers: `closed_accuracy`, `closed_lesion_accuracy` (closed questions but modality),
+  `closed_modality_accuracy` (each with `_n`, `_ci_low`, `_ci_high`: 95% Wilson),
+  `open_exact_match`, `open_recall`, `open_f1`, per question type (`closed_<type>_accuracy`,
+  `open_<type>_exact`), counts `n_closed`, `n_open`, `n_report`;
 * reports (`evaluation.reports`): `report_bleu`, `report_rouge_l`, `report_token_f1`,
   `clinical_precision`, `clinical_recall`, `clinical_f1`;
-* grounding (`evaluation.grounding`, `EvaluateConfig.grounding`): `visual_sensitivity`,
-  `visual_flip_rate`, `visual_logp_drop`, `blind_accuracy`, `blind_gap`,
+* grounding (`evaluation.grounding`, `EvaluateConfig.grounding`): the headline
+  `grounded_accuracy` (right on v and on v' with the lesion removed), `keep_accuracy`,
+  `flip_given_right`, `presence_accuracy_truth_yes` / `_truth_no`, `visual_logp_drop` (each
+  rate with n and a 95% interval), `blind_accuracy`, `blind_gap`,
   `lesion_attention_ratio` and `lesion_attention_ratio_l<layer>`, with their sample counts;
 * optional endpoint scores (`evaluation.llm_judge`, off by default): `open_llm_accuracy`
   (`EvaluateConfig.llm_judge`), `report_green` (`EvaluateConfig.green`).
@@ -37,6 +41,7 @@ from fire_mpo_core.evaluation.llm_judge import (
 )
 from fire_mpo_core.evaluation.metrics import closed_correct, exact_match, token_f1, token_recall
 from fire_mpo_core.evaluation.reports import report_metrics
+from fire_mpo_core.evaluation.stats import rate_with_ci
 from fire_mpo_core.models import generate, load_model, load_processor
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.store import write_jsonl
@@ -134,6 +139,18 @@ def evaluate_policy(
         "n_open": len(by_type["open"]["exact"]),
         "n_report": len(by_type["report"]["f1"]),
     }
+    # Lesion questions apart from modality (a global feature the base always gets right), each
+    # with n and a 95% Wilson interval, as is the overall closed accuracy.
+    closed_rows = [(r, row) for r, row in zip(records, rows) if r.answer_type == "closed"]
+    metrics |= rate_with_ci("closed_accuracy", [bool(row["correct"]) for _, row in closed_rows])
+    metrics |= rate_with_ci(
+        "closed_lesion_accuracy",
+        [bool(row["correct"]) for r, row in closed_rows if r.question_type != "modality"],
+    )
+    metrics |= rate_with_ci(
+        "closed_modality_accuracy",
+        [bool(row["correct"]) for r, row in closed_rows if r.question_type == "modality"],
+    )
     # Per question type, e.g. closed_presence_accuracy, open_location_exact.
     for name, vals in sorted(by_type.items()):
         kind, _, qtype = name.partition("/")

@@ -69,6 +69,15 @@ class LossConfig(BaseModel):
             "'v1' r_M(v,y+) > r_M(v',y+); 'v2' r_M(v,y+) > r_M(v',y-)."
         ),
     )
+    visual_gate: bool = Field(
+        default=False,
+        description=(
+            "FiRe-MPO: apply the reverse visual term only to pairs where removing the lesion "
+            "makes y- right (PreferencePair.reverses_on_removal: presence / quadrant / count "
+            "'yes' vs 'no', count / abnormality vs 'none'); no visual term elsewhere. False is "
+            "the paper's ungated form (every pair with v')."
+        ),
+    )
     nll_weight: float = Field(
         default=0.0,
         ge=0.0,
@@ -99,6 +108,11 @@ class LossConfig(BaseModel):
             raise ValueError(
                 f"visual_direction={self.visual_direction!r} only applies to name='fire_mpo', "
                 f"but name={self.name!r}; leave visual_direction at 'reverse'"
+            )
+        if self.visual_gate and (self.name != "fire_mpo" or self.visual_direction != "reverse"):
+            raise ValueError(
+                f"visual_gate=True only applies to name='fire_mpo' with visual_direction="
+                f"'reverse', but name={self.name!r}, visual_direction={self.visual_direction!r}"
             )
         if self.rrpo_kl_on != "all" and self.name != "rrpo":
             raise ValueError(

@@ -118,12 +118,15 @@ def load_pairs(
     on_reject: Callable[[str, str], None] | None = None,
     image_root: Path | None = None,
     corrupt_root: Path | None = None,
+    visual_gate: bool = False,
 ) -> list[PreferencePair]:
     """Validated pairs of a ``data.jsonl`` (or of a stage folder holding one).
 
     A record that fails validation, :func:`pair_problem` or (when ``image_root`` is given)
     :func:`missing_image` goes to ``on_reject(id, reason)`` (or raises ValueError when no
-    callback is given). Duplicate ids raise ValueError.
+    callback is given). Duplicate ids raise ValueError. ``visual_gate`` (``LossConfig``) keeps
+    v' only for pairs whose ``reverses_on_removal`` is true: the others get no visual term and
+    no corrupt rows (the reference stage and the trainer gate alike).
     """
     path = Path(path)
     if path.is_dir():
@@ -142,6 +145,8 @@ def load_pairs(
         if pair.id in seen:
             raise ValueError(f"{path}: duplicate pair id {pair.id!r}")
         seen.add(pair.id)
+        if visual_gate and pair.corrupted_image is not None and not pair.reverses_on_removal:
+            pair = pair.model_copy(update={"corrupted_image": None})
         out.append(pair)
     return out
 

@@ -240,6 +240,10 @@ class ReferenceConfig(_Cfg):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="'auto': cuda when available, else cpu."
     )
+    visual_gate: bool = Field(
+        default=False,
+        description="Score v' only for pairs the loss's visual gate keeps (train.loss.visual_gate)."
+    )
 
     @classmethod
     def for_training(cls, train: TrainConfig, **overrides) -> ReferenceConfig:
@@ -249,6 +253,7 @@ class ReferenceConfig(_Cfg):
             "dtype": train.dtype,
             "chunk_size": train.effective_chunk_size,
             "batch_size": train.batch_size,
+            "visual_gate": train.loss.visual_gate,
         }
         values.update(overrides)
         return cls(**values)

@@ -605,6 +605,7 @@ def train_preference(
         on_reject=lambda i, r: rejects.append({"id": i, "reason": r}),
         image_root=image_root,
         corrupt_root=corrupt_root,
+        visual_gate=cfg.loss.visual_gate,
     )
     if not pairs:
         raise ValueError(f"no trainable pairs in {pairs_path} ({len(rejects)} rejected)")

@@ -284,6 +284,7 @@ def compute_reference_logprobs(
             on_reject=lambda i, r: None,
             image_root=Path(image_root),
             corrupt_root=Path(corrupt_root),
+            visual_gate=cfg.visual_gate,
         )
     pairs = list(pairs)
     if not pairs:

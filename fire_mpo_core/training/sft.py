@@ -27,6 +27,7 @@ from fire_mpo_core.config import SFTConfig
 from fire_mpo_core.data.io import open_image
 from fire_mpo_core.data.records import VQARecord
 from fire_mpo_core.models import encode_batch, load_model, load_processor, model_inputs
+from fire_mpo_core.training.vision_warmup import vision_parameters, warm_up_vision
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,10 +52,14 @@ def run_sft(
     out_dir: Path,
     dtype: str = "float32",
     on_reject: Callable[[str, str], None] | None = None,
+    warm_vision: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune all weights of the model at `model_dir` on `records`; save to `out_dir`.
 
     A record whose image cannot be read goes to ``on_reject(id, reason)`` (without it: raises).
+    ``warm_vision`` first runs the dense vision warm start (:mod:`.vision_warmup`,
+    ``cfg.vision_warmup``) on the same records; ``cfg.train_vision: false`` then freezes the
+    vision tower + projector for the SFT steps.
 
     Writes `out_dir/` (model + processor via `save_pretrained`) and `out_dir/train_log.jsonl`
     (one line per step: step, loss, lr). Returns summary metrics.
@@ -65,6 +70,7 @@ def run_sft(
     model = load_model(model_dir, dtype=dtype)
     model.train()
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     examples = [r for r in records if cfg.include_reports or r.answer_type != "report"]
     # An unreadable image costs its records (rejects naming the file), not the stage.
     images, bad = {}, {}
@@ -86,9 +92,22 @@ def run_sft(
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = None
+    if warm_vision:
+        warm = warm_up_vision(
+            model,
+            processor,
+            examples,
+            image_root,
+            cfg.vision_warmup,
+            log_path=out_dir / "vision_warmup_log.jsonl",
+        )
+    if not cfg.train_vision:
+        for p in vision_parameters(model):
+            p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, round(cfg.warmup_ratio * total), total)
-    out_dir.mkdir(parents=True, exist_ok=True)
     order: list[int] = []
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -111,7 +130,7 @@ def run_sft(
             loss = token_nll(logits, enc["labels"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
             losses.append(loss.item())
@@ -131,4 +150,5 @@ def run_sft(
         "first_loss": round(losses[0], 4),
         "final_loss": round(sum(tail) / len(tail), 4),
         "seconds": round(time.perf_counter() - t0, 1),
+        **({f"vision_warmup_{k}": v for k, v in warm.items()} if warm else {}),
     }
