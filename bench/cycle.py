@@ -53,14 +53,14 @@ ROUND_STAGES = ("sample", "judge", "corrupt", "reference", "train", "evaluate")
 BENCH_OVERRIDES: dict[str, Any] = {
     "rounds": 1,
     "data": {"n_train_images": 40, "n_val_images": 0, "n_test_images": 20},
-    "sft": {"max_steps": 60},
+    "sft": {"max_steps": 60, "vision_warmup": {"steps": 20, "pretrain_scans": 64}},
     "sample": {"max_records": 80},
     "train": {"epochs": 1.0, "save_every": None},
 }
 QUICK_OVERRIDES: dict[str, Any] = {
     "rounds": 1,
     "data": {"n_train_images": 24, "n_val_images": 0, "n_test_images": 8},
-    "sft": {"max_steps": 40},
+    "sft": {"max_steps": 40, "vision_warmup": {"steps": 20, "pretrain_scans": 64}},
     "sample": {"max_records": 48, "max_new_tokens": 16},
     "train": {"max_steps": 2, "save_every": None},
     "evaluate": {"max_new_tokens": 16},

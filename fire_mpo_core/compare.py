@@ -33,6 +33,7 @@ ratio per layer) and ``report.md`` linking them.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -61,24 +62,26 @@ from fire_mpo_core.training.config import TrainConfig
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 #: The default "average" column: one answer, one report and one grounding metric of each kind.
 AVERAGE_METRICS = (
-    "closed_accuracy",
+    "closed_lesion_accuracy",
     "open_recall",
     "report_rouge_l",
     "clinical_f1",
-    "visual_sensitivity",
+    "grounded_accuracy",
 )
 TABLE_METRICS = (
     "closed_accuracy",
+    "closed_lesion_accuracy",
     "open_exact_match",
     "open_recall",
-    "report_bleu",
     "report_rouge_l",
     "clinical_f1",
-    "visual_sensitivity",
+    "grounded_accuracy",
+    "keep_accuracy",
     "blind_accuracy",
-    "lesion_attention_ratio",
 )
 CURVE_METRICS = ("loss", "rewards/accuracy", "rewards/margin", "nll")
+#: Per-record metrics with a paired significance test (see :func:`record_scores`).
+SIGNIFICANCE_METRICS = ("closed_accuracy", "closed_lesion_accuracy", "grounded_accuracy")
 _LAYER = re.compile(r"^lesion_attention_ratio_l(\d+)$")
 
 
@@ -136,6 +139,30 @@ class CompareSpec(_Spec):
         min_length=1,
         description="Training-log keys (train metrics.jsonl) plotted against the step.",
     )
+    resample: bool = Field(
+        default=True,
+        description="Each seed also re-draws the on-policy answers (sample.seed = seed), so a "
+        "seed has its own rollouts, pairs, corrupted images and reference; False: one set of "
+        "pairs, seeds vary only the LoRA initialisation and data order.",
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Train settings tried for EVERY variant alike, e.g. {'lr': [1e-3, 2e-3], "
+        "'epochs': [1.0]} (the product is searched); each point is trained with the first seed "
+        "and scored on the validation split, and the best by `select` is used for every seed "
+        "on the test split. Empty: no search.",
+    )
+    select: str = Field(
+        default="average",
+        description="Validation score the grid picks by: 'average' (the average column's "
+        "metrics) or one metrics.json key; higher is better.",
+    )
+    significance: list[str] = Field(
+        default_factory=lambda: list(SIGNIFICANCE_METRICS),
+        description="Per-record metrics tested, paired, against the baseline and the SFT base: "
+        "closed_accuracy, closed_lesion_accuracy (evaluate data.jsonl) and grounded_accuracy "
+        "(grounding.jsonl remove probes).",
+    )
     workers: int = Field(
         default=1,
         ge=1,
@@ -159,6 +186,31 @@ class CompareSpec(_Spec):
         if bad:
             raise ValueError(f"variant names must match {NAME_PATTERN}: {bad}")
         return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_fields(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        unknown = [k for k in v if k not in TrainConfig.model_fields]
+        if unknown:
+            raise ValueError(f"grid keys must be train fields: {unknown}")
+        empty = [k for k, vals in v.items() if not vals]
+        if empty:
+            raise ValueError(f"grid values must be non-empty lists: {empty}")
+        return v
+
+    @field_validator("significance")
+    @classmethod
+    def _known_tests(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in SIGNIFICANCE_METRICS]
+        if unknown:
+            raise ValueError(f"significance metrics must be in {SIGNIFICANCE_METRICS}: {unknown}")
+        return v
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid ({} when there is no grid), in a stable order."""
+        keys = sorted(self.grid)
+        combos = itertools.product(*(self.grid[k] for k in keys))
+        return [dict(zip(keys, combo)) for combo in combos]
 
     @model_validator(mode="after")
     def _known_baseline(self) -> CompareSpec:
@@ -380,6 +432,132 @@ def layer_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: int(_LAYER.match(k).group(1)))  # type: ignore[union-attr]
 
 
+# --------------------------------------------------------------------------- significance
+
+
+def record_scores(eval_dir: str | Path, metric: str) -> dict[str, float]:
+    """Record id -> 0/1 score of one evaluation for a per-record metric: ``closed_accuracy`` and
+    ``closed_lesion_accuracy`` (closed questions, the latter without modality) from data.jsonl,
+    ``grounded_accuracy`` (remove probes right on v and v') from grounding.jsonl."""
+    folder = Path(eval_dir)
+    out: dict[str, float] = {}
+    if metric == "grounded_accuracy":
+        path = folder / "grounding.jsonl"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            row = json.loads(line)
+            if row.get("measure") == "probe_remove":
+                out[row["id"]] = float(bool(row["right_both"]))
+        return out
+    path = folder / "data.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row.get("answer_type") != "closed":
+            continue
+        if metric == "closed_lesion_accuracy" and row.get("question_type") == "modality":
+            continue
+        out[row["id"]] = float(row["correct"])
+    return out
+
+
+def seed_mean_scores(eval_dirs: Sequence[str | Path], metric: str) -> dict[str, float]:
+    """Per record, the mean score over the given runs (the seeds of one variant)."""
+    per = [record_scores(d, metric) for d in eval_dirs]
+    common = set(per[0]).intersection(*per[1:]) if per else set()
+    return {k: statistics.fmean(p[k] for p in per) for k in sorted(common)}
+
+
+def paired_significance(
+    runs: Sequence[RunResult],
+    metrics: Sequence[str],
+    baseline: str | None,
+    base_eval: str | Path | None,
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """variant -> "vs base" / "vs <baseline>" -> metric -> {diff, ci_low, ci_high, p, n}.
+
+    Paired over records: each record's score is averaged over the variant's seeds (and the
+    other side's), then :func:`~fire_mpo_core.evaluation.stats.paired_bootstrap` tests the mean
+    difference (95% percentile interval, two-sided p). The SFT base is one deterministic run."""
+    from fire_mpo_core.evaluation.stats import paired_bootstrap
+
+    by: dict[str, list[Path]] = {}
+    for r in runs:
+        by.setdefault(r.variant, []).append(r.eval_dir)
+    others: dict[str, list[Path]] = {}
+    if base_eval is not None:
+        others["base"] = [Path(base_eval)]
+    if baseline is not None and baseline in by:
+        others[baseline] = by[baseline]
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for variant, dirs in by.items():
+        for label, other in others.items():
+            if label == variant:
+                continue
+            for m in metrics:
+                a, b = seed_mean_scores(dirs, m), seed_mean_scores(other, m)
+                ids = sorted(set(a) & set(b))
+                if not ids:
+                    continue
+                res = paired_bootstrap([a[i] for i in ids], [b[i] for i in ids])
+                out.setdefault(variant, {}).setdefault(f"vs {label}", {})[m] = res
+    return out
+
+
+def significance_table(sig: dict[str, Any], metrics: Sequence[str], alpha: float = 0.05) -> str:
+    """Markdown: per variant and comparison, the mean difference [95% CI] and p of each metric;
+    a star marks p < alpha."""
+    labels = sorted({lab for v in sig.values() for lab in v}, key=lambda x: (x != "vs base", x))
+    head = [f"{m} {lab}" for lab in labels for m in metrics]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for variant, comps in sig.items():
+        cells = []
+        for lab in labels:
+            for m in metrics:
+                r = comps.get(lab, {}).get(m)
+                if r is None:
+                    cells.append("-")
+                    continue
+                star = "*" if r["p"] < alpha else ""
+                cells.append(
+                    f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
+                    f"p={r['p']:.3f}{star}"
+                )
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def significance_reading(sig: dict[str, Any], metrics: Sequence[str], alpha: float = 0.05):
+    """Sentences: which variants are above / below the base and the baseline with p < alpha."""
+    lines = []
+    labels = sorted({lab for v in sig.values() for lab in v}, key=lambda x: (x != "vs base", x))
+    for lab in labels:
+        for m in metrics:
+            better = [v for v, c in sig.items() if (r := c.get(lab, {}).get(m)) and
+                      r["p"] < alpha and r["diff"] > 0]  # fmt: skip
+            worse = [v for v, c in sig.items() if (r := c.get(lab, {}).get(m)) and
+                     r["p"] < alpha and r["diff"] < 0]  # fmt: skip
+            lines.append(
+                f"- {m} {lab}: higher with p < {alpha}: {', '.join(better) or 'none'}; "
+                f"lower with p < {alpha}: {', '.join(worse) or 'none'}."
+            )
+    return lines
+
+
+def select_grid_point(
+    scores: dict[str, dict[int, float | None]], points: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """variant -> the grid point with the highest validation score (the first on ties or when
+    every score is missing)."""
+    out = {}
+    for variant, by_point in scores.items():
+        best, best_score = 0, None
+        for i in range(len(points)):
+            sc = by_point.get(i)
+            if sc is not None and (best_score is None or sc > best_score):
+                best, best_score = i, sc
+        out[variant] = points[best] if points else {}
+    return out
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -576,13 +754,18 @@ def write_comparison(
         summary_rows = aggregate(rows, spec.metrics, spec.average)
         base = json.loads((Path(base_eval) / "metrics.json").read_text()) if base_eval else None
         table = markdown_table(summary_rows, spec.metrics, base, spec.average)
-        (tmp / "table.md").write_text(table)
+        sig = paired_significance(runs, spec.significance, spec.baseline, base_eval)
+        sig_md = significance_table(sig, spec.significance) if sig else ""
+        (tmp / "table.md").write_text(
+            table + (f"\nPaired significance (difference [95% CI], p):\n\n{sig_md}" if sig else "")
+        )
         summary = {
             "name": spec.name,
             "seeds": spec.seeds,
             "average_metrics": spec.average,
             "std": "sample standard deviation over seeds (ddof=1)",
             "variants": summary_rows,
+            "significance": sig,
             "base": base,
             **(details or {}),
         }
@@ -610,7 +793,20 @@ def write_comparison(
             "## Reading\n\n"
             + "\n".join(reading(summary_rows, spec.baseline, base_avg, constant))
             + "\n\n"
-            "## Plots\n\n" + "\n\n".join(f"![{p}]({p})" for p in pngs) + "\n\n"
+            + (
+                "## Paired significance\n\nPer record, scores averaged over seeds; paired "
+                "bootstrap of the mean difference (2000 resamples, 95% percentile interval, "
+                "two-sided p; * p < 0.05).\n\n"
+                + sig_md
+                + "\n"
+                + "\n".join(significance_reading(sig, spec.significance))
+                + "\n\n"
+                if sig
+                else ""
+            )
+            + "## Plots\n\n"
+            + "\n\n".join(f"![{p}]({p})" for p in pngs)
+            + "\n\n"
             f"## Variants\n\nCommon train overrides: {spec.train or '{}'}\n\n{descr}\n\n"
             + (f"## Run\n\n{info}\n\n" if info else "")
             + "Per-run numbers: [results.csv](results.csv); all means and stds: "

@@ -199,6 +199,11 @@ class VisionWarmupConfig(_Cfg):
     count_weight: float = Field(
         default=0.5, ge=0, description="Weight of the image-level lesion count (0/1/2) loss."
     )
+    position_weight: float = Field(
+        default=0.5,
+        ge=0,
+        description="Weight of the per-token own-quadrant loss (features that say where they are).",
+    )
     seed: int = Field(default=0, description="Data order, flips and head initialisation seed.")
 
     def active(self, tiny_model: bool, dataset: str) -> bool:

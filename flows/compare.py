@@ -18,9 +18,11 @@ published as a Prefect markdown artifact. `--quick` is a smoke run: the first se
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ from fire_mpo_core.compare import (
     CompareSpec,
     RunResult,
     load_compare,
+    run_average,
+    select_grid_point,
     variant_configs,
     write_comparison,
 )
@@ -84,6 +88,23 @@ def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
 
+def shared_key(train_cfg: TrainConfig, corrupt_cfg: CorruptConfig) -> str:
+    """What a variant's corrupt + reference stages depend on besides the pairs."""
+    return canonical_json([_dump(corrupt_cfg), _dump(ReferenceConfig.for_training(train_cfg))])
+
+
+@dataclass(frozen=True)
+class Job:
+    """One train + evaluate of the comparison: a variant at a grid point, on one seed's pairs."""
+
+    variant: str
+    index: int  # grid point index (selection phase)
+    point: dict[str, Any]
+    train: TrainConfig
+    corrupt: CorruptConfig
+    pairs_seed: int
+
+
 @flow(name="fire-mpo-compare")
 def compare(
     config: str = "configs/compare.yaml",
@@ -121,77 +142,118 @@ def compare(
     setup_s = time.monotonic() - t0
     log.info(f"Setup stages ready in {setup_s:.0f} s; {len(spec.variants)} variants x {spec.seeds}")
 
-    jobs: list[tuple[str, int, dict[str, Any], str, str]] = []
+    # Per seed its own on-policy pairs (resample): sample -> judge with sample.seed = seed. The
+    # cycle's own seed is the setup's, cached.
+    dtype = cfg.model.dtype
+    pairs_of: dict[int, str] = {}
+    for seed in spec.seeds:
+        if not spec.resample or seed == cfg.sample.seed:
+            pairs_of[seed] = judge
+            continue
+        sample_json = _dump(cfg.sample.model_copy(update={"seed": seed}))
+        rollouts = runner(
+            "sample", 1, {"sample": sample_json, "dtype": dtype}, {"prepare": data, "policy": sft}
+        )
+        pairs = runner(
+            "judge", 1, {"judge": _dump(cfg.judge)}, {"prepare": data, "sample": rollouts}
+        )
+        assert rollouts and pairs
+        pairs_of[seed] = pairs
 
-    def shared_key(train_cfg: TrainConfig, corrupt_cfg: CorruptConfig) -> str:
-        ref_cfg = ReferenceConfig.for_training(train_cfg)
-        return canonical_json([_dump(corrupt_cfg), _dump(ref_cfg)])
+    # (pairs, corrupt config, reference config) -> (corrupt, reference) folders.
+    shared: dict[tuple[str, str], tuple[str, str]] = {}
+    base_key = shared_key(cfg.train, cfg.corrupt)
+    shared[(judge, base_key)] = (base_corrupt, out[("reference", 1)])
 
-    # (corrupt config, reference config) -> their folders; the cycle's own pair is built.
-    shared = {shared_key(cfg.train, cfg.corrupt): (base_corrupt, out[("reference", 1)])}
-    for name, (train_cfg, corrupt_cfg) in variant_configs(cfg, spec).items():
-        corrupt_json = _dump(corrupt_cfg)
-        ref_cfg = _dump(ReferenceConfig.for_training(train_cfg))
-        key = shared_key(train_cfg, corrupt_cfg)
+    def corrupt_and_reference(pairs: str, train_cfg: TrainConfig, corrupt_cfg: CorruptConfig):
+        key = (pairs, shared_key(train_cfg, corrupt_cfg))
         if key not in shared:
-            corrupted = (
-                base_corrupt
-                if corrupt_cfg == cfg.corrupt
-                else runner(
-                    "corrupt", 1, {"corrupt": corrupt_json}, {"prepare": data, "judge": judge}
-                )
+            corrupted = runner(
+                "corrupt", 1, {"corrupt": _dump(corrupt_cfg)}, {"prepare": data, "judge": pairs}
             )
             ref = runner(
                 "reference",
                 1,
-                {"reference": ref_cfg},
+                {"reference": _dump(ReferenceConfig.for_training(train_cfg))},
                 {"prepare": data, "corrupt": corrupted, "policy": sft},
             )
             assert corrupted and ref
             shared[key] = (corrupted, ref)
-        corrupted, ref = shared[key]
-        for seed in spec.seeds:
-            train_json = _dump(train_cfg.model_copy(update={"seed": seed}))
-            jobs.append((name, seed, train_json, corrupted, ref))
+        return shared[key]
 
     train_t, eval_t = bind(TASKS["train"], cfg.store), bind(TASKS["evaluate"], cfg.store)
-    results: list[RunResult] = []
+    test_eval = {"evaluate": _dump(cfg.evaluate), "dtype": dtype}
+    val_eval = {"evaluate": _dump(cfg.evaluate.model_copy(update={"split": "val"})), "dtype": dtype}
+
+    def run_jobs(jobs: list[Job], evaluation: dict[str, Any]) -> list[tuple[Job, str, str]]:
+        """Train then evaluate each job, in waves of `workers` (an evaluation's key needs its
+        finished train folder's content digest)."""
+        done: list[tuple[Job, str, str]] = []
+        for i in range(0, len(jobs), spec.workers):
+            wave = jobs[i : i + spec.workers]
+            trains = []
+            for job in wave:
+                corrupted, ref = corrupt_and_reference(
+                    pairs_of[job.pairs_seed], job.train, job.corrupt
+                )
+                inputs = {"prepare": data, "corrupt": corrupted, "reference": ref, "policy": sft}
+                call = _call(cfg, "train", {"train": _dump(job.train)}, inputs, refresh)
+                trains.append(train_t.submit(call))
+            train_dirs = [f.result() for f in trains]
+            evals = [
+                eval_t.submit(
+                    _call(
+                        cfg,
+                        "evaluate",
+                        evaluation,
+                        {"prepare": data, "policy": td, "previous": eval0},
+                        refresh,
+                    )
+                )
+                for td in train_dirs
+            ]
+            for job, td, ev in zip(wave, train_dirs, evals, strict=True):
+                done.append((job, td, ev.result()))
+                log.info(f"{job.variant} seed {job.train.seed} {job.point}: {ev.result()}")
+        return done
+
+    variants = variant_configs(cfg, spec)
+    points = spec.grid_points()
+    chosen: dict[str, dict[str, Any]] = {name: {} for name in variants}
+    selection: dict[str, dict[str, Any]] = {}
     t1 = time.monotonic()
-    # Waves of `workers` jobs: trains submitted together, then their evaluations (an
-    # evaluation's key needs its finished train folder's content digest).
-    for i in range(0, len(jobs), spec.workers):
-        wave = jobs[i : i + spec.workers]
-        trains = [
-            train_t.submit(
-                _call(
-                    cfg,
-                    "train",
-                    {"train": tj},
-                    {"prepare": data, "corrupt": c, "reference": r, "policy": sft},
-                    refresh,
-                )
-            )
-            for _, _, tj, c, r in wave
+    if len(points) > 1:
+        # Grid search on the validation split, the same points for every variant, first seed.
+        first = spec.seeds[0]
+        jobs = [
+            Job(name, i, p, tc.model_copy(update={**p, "seed": first}), cc, first)
+            for name, (tc, cc) in variants.items()
+            for i, p in enumerate(points)
         ]
-        train_dirs = [f.result() for f in trains]
-        evals = [
-            eval_t.submit(
-                _call(
-                    cfg,
-                    "evaluate",
-                    {"evaluate": _dump(cfg.evaluate), "dtype": cfg.model.dtype},
-                    {"prepare": data, "policy": td, "previous": eval0},
-                    refresh,
-                )
-            )
-            for td in train_dirs
-        ]
-        for (name, seed, *_), td, ev in zip(wave, train_dirs, evals, strict=True):
-            results.append(
-                RunResult(variant=name, seed=seed, train_dir=Path(td), eval_dir=Path(ev.result()))
-            )
-            log.info(f"[{len(results)}/{len(jobs)}] {name} seed {seed}: {ev.result()}")
-    runs_s = time.monotonic() - t1
+        scores: dict[str, dict[int, float | None]] = {}
+        for job, _, ev in run_jobs(jobs, val_eval):
+            m = json.loads((Path(ev) / "metrics.json").read_text())
+            sc = run_average(m, spec.average) if spec.select == "average" else m.get(spec.select)
+            scores.setdefault(job.variant, {})[job.index] = sc
+        chosen = select_grid_point(scores, points)
+        selection = {
+            n: {"chosen": chosen[n], "val_scores": {str(points[i]): v for i, v in sc.items()}}
+            for n, sc in scores.items()
+        }
+        log.info(f"Grid selected on val by {spec.select}: {chosen}")
+    select_s = time.monotonic() - t1
+
+    # The comparison itself: every variant at its selected point, every seed, on test.
+    jobs = [
+        Job(name, 0, chosen[name], tc.model_copy(update={**chosen[name], "seed": seed}), cc, seed)
+        for name, (tc, cc) in variants.items()
+        for seed in spec.seeds
+    ]
+    results = [
+        RunResult(variant=job.variant, seed=job.train.seed, train_dir=Path(td), eval_dir=Path(ev))
+        for job, td, ev in run_jobs(jobs, test_eval)
+    ]
+    runs_s = time.monotonic() - t1 - select_s
 
     out_dir = Path(cfg.store) / cfg.run / "compare" / spec.name
     write_comparison(
@@ -204,10 +266,14 @@ def compare(
             "store": str(cfg.store),
             "run": cfg.run,
             "setup_seconds": round(setup_s, 1),
+            "grid_selection_seconds": round(select_s, 1),
             "train_evaluate_seconds": round(runs_s, 1),
+            "resample": spec.resample,
+            "grid": spec.grid,
+            "selection": selection,
             "workers": spec.workers,
             "sft_base": sft,
-            "pairs": judge,
+            "pairs": pairs_of,
         },
     )
     report = (out_dir / "report.md").read_text()

@@ -18,7 +18,12 @@ from fire_mpo_core.compare import (
     load_compare,
     markdown_table,
     mean_std,
+    paired_significance,
+    record_scores,
     run_average,
+    seed_mean_scores,
+    select_grid_point,
+    significance_table,
     write_comparison,
 )
 from fire_mpo_core.config import ConfigError
@@ -71,6 +76,59 @@ def test_aggregate_and_table_by_hand():
     assert lines[2] == "| SFT base | 0.300 | - | - |"
     assert lines[3] == "| a | **0.600 ± 0.141** | **0.800 ± 0.141** | **0.700 ± 0.141** |"
     assert lines[4] == "| b | 0.400 | 0.400 | 0.400 |"
+
+
+def _records(eval_dir: Path, closed: list[int], modality: list[int], probes: list[int]) -> None:
+    rows = [{"id": f"c{i}", "answer_type": "closed", "question_type": "presence", "correct": c}
+            for i, c in enumerate(closed)]  # fmt: skip
+    rows += [{"id": f"m{i}", "answer_type": "closed", "question_type": "modality", "correct": c}
+             for i, c in enumerate(modality)]  # fmt: skip
+    (eval_dir / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    g = [{"id": f"p{i}", "measure": "probe_remove", "right_both": bool(c)}
+         for i, c in enumerate(probes)]  # fmt: skip
+    g.append({"id": "k0", "measure": "probe_keep", "right_both": True})  # not a remove probe
+    (eval_dir / "grounding.jsonl").write_text("".join(json.dumps(r) + "\n" for r in g))
+
+
+def test_paired_significance_hand_derived(tmp_path):
+    runs = [
+        _fake_run(tmp_path, "a", 0, {}, [1.0]),
+        _fake_run(tmp_path, "a", 1, {}, [1.0]),
+        _fake_run(tmp_path, "b", 0, {}, [1.0]),
+    ]
+    _records(runs[0].eval_dir, [1, 1, 1, 0], [1], [1, 1])
+    _records(runs[1].eval_dir, [1, 1, 0, 0], [1], [1, 0])
+    _records(runs[2].eval_dir, [0, 0, 0, 0], [0], [0, 0])
+    base = tmp_path / "base"
+    base.mkdir()
+    _records(base, [1, 0, 0, 0], [1], [0, 0])
+    assert record_scores(runs[0].eval_dir, "closed_lesion_accuracy") == {
+        "c0": 1.0, "c1": 1.0, "c2": 1.0, "c3": 0.0
+    }  # fmt: skip
+    assert seed_mean_scores([r.eval_dir for r in runs[:2]], "grounded_accuracy") == {
+        "p0": 1.0, "p1": 0.5
+    }  # fmt: skip
+    sig = paired_significance(runs, ["closed_lesion_accuracy", "grounded_accuracy"], "b", base)
+    # a's seed means on the lesion records [1, 1, .5, 0] vs base [1, 0, 0, 0]: +0.375; vs b: +0.625.
+    assert sig["a"]["vs base"]["closed_lesion_accuracy"]["diff"] == 0.375
+    assert sig["a"]["vs b"]["closed_lesion_accuracy"]["diff"] == 0.625
+    assert sig["a"]["vs b"]["grounded_accuracy"]["diff"] == 0.75  # [1, .5] vs [0, 0]
+    assert "vs b" not in sig["b"] and sig["b"]["vs base"]["closed_lesion_accuracy"]["diff"] == -0.25
+    table = significance_table(sig, ["grounded_accuracy"])
+    assert (
+        table.splitlines()[0] == "| method | grounded_accuracy vs base | grounded_accuracy vs b |"
+    )
+
+
+def test_grid_points_and_selection():
+    spec = CompareSpec(grid={"lr": [1e-3, 2e-3], "epochs": [1.0]}, variants={"a": {}, "b": {}})
+    points = spec.grid_points()
+    assert points == [{"epochs": 1.0, "lr": 1e-3}, {"epochs": 1.0, "lr": 2e-3}]
+    got = select_grid_point({"a": {0: 0.4, 1: 0.5}, "b": {0: 0.5, 1: 0.5}}, points)
+    assert got == {"a": points[1], "b": points[0]}  # b: a tie keeps the first point
+    assert CompareSpec(variants={"a": {}}).grid_points() == [{}]
+    with pytest.raises(ValueError, match="train fields"):
+        CompareSpec(grid={"lrr": [1]}, variants={"a": {}})
 
 
 def test_write_comparison_outputs(tmp_path):

@@ -64,7 +64,13 @@ CONFIG = {
     },
     "model": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16},
     # Enough SFT for the answer format, so the judge has answers to edit and train has pairs.
-    "sft": {"max_steps": 60, "batch_size": 8, "lr": 3e-3, "include_reports": False},
+    "sft": {
+        "max_steps": 60,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "include_reports": False,
+        "vision_warmup": {"steps": 4, "batch_size": 8, "pretrain_scans": 8},
+    },
     "sample": {"max_new_tokens": 8, "max_records": 24, "batch_size": 3, "temperature": 0.3},
     "corrupt": {"num_workers": 0},
     "train": {"max_steps": TRAIN_STEPS, "batch_size": 2, "save_every": 1, "keep_checkpoints": 1},

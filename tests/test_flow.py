@@ -26,7 +26,13 @@ SMALL = {
     },
     "model": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16},
     # Enough SFT for the answer format (not the image): the judge needs answers to edit.
-    "sft": {"max_steps": 60, "batch_size": 8, "lr": 3e-3, "include_reports": False},
+    "sft": {
+        "max_steps": 60,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "include_reports": False,
+        "vision_warmup": {"steps": 4, "batch_size": 8, "pretrain_scans": 8},
+    },
     "sample": {"max_new_tokens": 8, "max_records": 24},
     "train": {"max_steps": 2, "batch_size": 4, "save_every": None},
     "evaluate": {"max_new_tokens": 8, "batch_size": 16},

@@ -8,6 +8,8 @@ afterwards, on what SynthLesion knows exactly about every image:
 
 * per image token: the share of its patch covered by a lesion (soft-target BCE) and the lesion's
   polarity (hyper- vs hypodense, BCE on covered tokens only);
+* per image token: its own quadrant of the image (cross-entropy), so each token's features say
+  where it is and the decoder can answer "is there a lesion in the upper left?" from them;
 * per image: the modality (cross-entropy on the mean-pooled tokens), so the global features that
   the modality questions need are kept, and the lesion count 0 / 1 / 2 (cross-entropy on the
   mean- and max-pooled tokens).
@@ -132,12 +134,27 @@ class _Heads(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.token = nn.Linear(dim, 2)
+        self.quadrant = nn.Linear(dim, 4)
         self.modality = nn.Linear(dim, len(_MODALITIES))
         self.count = nn.Linear(2 * dim, 3)
 
-    def forward(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pooled = torch.cat([feats.mean(1), feats.amax(1)], -1)
-        return self.token(feats), self.modality(feats.mean(1)), self.count(pooled)
+        return (
+            self.token(feats),
+            self.modality(feats.mean(1)),
+            self.count(pooled),
+            self.quadrant(feats),
+        )
+
+
+def token_quadrants(grid: tuple[int, int]) -> Tensor:
+    """[gh * gw] quadrant index of each token (0 upper-left, 1 upper-right, 2 lower-left,
+    3 lower-right of the image), so each token's features carry where it is."""
+    gh, gw = grid
+    rows = (torch.arange(gh) >= gh / 2).long()
+    cols = (torch.arange(gw) >= gw / 2).long()
+    return (2 * rows[:, None] + cols[None, :]).reshape(-1)
 
 
 def _targets(scan: _Scan, grid: tuple[int, int], flip: tuple[bool, bool]):
@@ -236,7 +253,10 @@ def warm_up_vision(
             feats, _ = feature_grid(model, inputs)
             cov = torch.tensor(np.stack([b[1] for b in batch]), dtype=torch.float32)
             pol = torch.tensor(np.stack([b[2] for b in batch]), dtype=torch.float32)
-            tok, mod, cnt = heads(torch.stack(feats).float())
+            tok, mod, cnt, quad = heads(torch.stack(feats).float())
+            loss_pos = nn.functional.cross_entropy(
+                quad.reshape(-1, 4), token_quadrants(grid).repeat(len(idx))
+            )
             bce = nn.functional.binary_cross_entropy_with_logits
             loss_cov = bce(tok[..., 0], cov)
             w_pol = (cov > 0).float()
@@ -252,6 +272,7 @@ def warm_up_vision(
                 + cfg.polarity_weight * loss_pol
                 + cfg.modality_weight * loss_mod
                 + cfg.count_weight * loss_cnt
+                + cfg.position_weight * loss_pos
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -265,6 +286,7 @@ def warm_up_vision(
                 "polarity": round(loss_pol.item(), 5),
                 "modality": round(loss_mod.item(), 5),
                 "count": round(loss_cnt.item(), 5),
+                "position": round(loss_pos.item(), 5),
             }
             parts_log.append(parts)
             if log:
@@ -279,7 +301,7 @@ def warm_up_vision(
         "seconds": round(time.perf_counter() - t0, 1),
         **{
             f"final_{k}": round(sum(p[k] for p in tail) / len(tail), 4)
-            for k in ("loss", "coverage", "polarity", "modality", "count")
+            for k in ("loss", "coverage", "polarity", "modality", "count", "position")
         },
     }
     if holdout:
@@ -302,7 +324,7 @@ def readout_quality(model, processor, heads: _Heads, records, image_root: Path) 
             )
         )
         feats, _ = feature_grid(model, inputs)
-        tok, mod, cnt = heads(torch.stack(feats).float())
+        tok, mod, cnt, _ = heads(torch.stack(feats).float())
         for s, t, m, c in zip(chunk, tok, mod, cnt):
             scores.append(float(torch.sigmoid(t[:, 0]).max()))
             labels.append(int(s.count > 0))
