@@ -30,6 +30,7 @@ from fire_mpo_core.judge import (
     merge_judged,
 )
 from fire_mpo_core.judge.journal import TRANSIENT, JudgeJournal
+from fire_mpo_core.judge.stats import pair_statistics
 from fire_mpo_core.store import DATA, StageWriter, read_jsonl, write_jsonl
 from tasks.common import Progress, StageCall, stage_task
 from tasks.shards import run_shards, shard_bounds
@@ -98,6 +99,7 @@ def body(call: StageCall, w: StageWriter) -> dict:
         "pair_rate": round(len(pairs) / max(1, len(rollouts)), 4),
         "incorrect": verdicts["incorrect"],
         "correct": verdicts["correct"],
+        **pair_statistics(pairs),
         **{f"rejected_{code}": n for code, n in sorted(codes.items())},
     }
 

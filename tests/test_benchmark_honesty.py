@@ -143,3 +143,25 @@ def test_sentence_answers_score_like_bare_ones():
     share = sum(framed(q, 0.5) for q in qs) / len(qs)
     assert 0.45 < share < 0.55 and framed(qs[0], 0.5) == framed(qs[0], 0.5)
     assert not any(framed(q, 0.0) for q in qs) and all(framed(q, 1.0) for q in qs)
+
+
+def test_pair_statistics_hand_counted():
+    from fire_mpo_core.judge.stats import pair_statistics
+
+    def pair(chosen, cs, rejected, rs, reverses):
+        return PreferencePair(
+            id=chosen, record_id="r", image="images/a.png", question="q?", answer_type="closed",
+            chosen=chosen, rejected=rejected, chosen_spans=cs, rejected_spans=rs,
+            verdict="correct", reverses_on_removal=reverses,
+        )  # fmt: skip
+
+    pairs = [
+        pair("yes", [(0, 3)], "no", [(0, 2)], True),  # 2 words, both in spans
+        # "Yes, based on the image." 5 words, 1 in the span; same for the rejected side.
+        pair("Yes, based on the image.", [(0, 3)], "No, based on the image.", [(0, 2)], False),
+    ]
+    assert pair_statistics(pairs) == {
+        "span_word_share": round(4 / 12, 4),
+        "pairs_all_span": 1,
+        "visual_reversible": 1,
+    }

@@ -7,13 +7,20 @@ import json
 import pytest
 import torch
 
-from fire_mpo_core.config import DataConfig, EvaluateConfig, ModelConfig, SFTConfig
+from fire_mpo_core.config import (
+    DataConfig,
+    EvaluateConfig,
+    ModelConfig,
+    SFTConfig,
+    VisionWarmupConfig,
+)
 from fire_mpo_core.data.io import load_records
 from fire_mpo_core.data.synthlesion import generate_synthlesion
 from fire_mpo_core.evaluation.vqa import evaluate_policy
-from fire_mpo_core.models import build_tiny_model
+from fire_mpo_core.models import build_tiny_model, load_model, load_processor
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.training.sft import run_sft
+from fire_mpo_core.training.vision_warmup import vision_parameters, warm_up_vision
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +98,57 @@ def test_unreadable_image_is_a_reject_in_sft_and_evaluate(tiny, tmp_path):
     bad_test = {r.id for r in test if r.image == test[0].image}
     assert {i for i, _ in rejects} == bad_test
     assert m["n_closed"] + m["n_open"] + m["n_report"] == len(test) - len(bad_test)
+
+
+def _split_params(model):
+    vision = {id(p) for p in vision_parameters(model)}
+    named = dict(model.named_parameters())
+    return (
+        {n: p.detach().clone() for n, p in named.items() if id(p) in vision},
+        {n: p.detach().clone() for n, p in named.items() if id(p) not in vision},
+    )
+
+
+def test_vision_warmup_trains_only_the_vision_side(tiny):
+    torch.set_num_threads(1)
+    root, train = tiny
+    model, proc = load_model(root / "model"), load_processor(root / "model")
+    vis0, dec0 = _split_params(model)
+    cfg = VisionWarmupConfig(steps=3, batch_size=4, pretrain_scans=4)
+    stats = warm_up_vision(model, proc, train, root, cfg, holdout=train)
+    assert stats["steps"] == 3 and stats["scans"] == len({r.image for r in train}) + 4
+    assert 0.0 <= stats["holdout_presence_auc"] <= 1.0
+    vis1, dec1 = _split_params(model)
+    assert any(not torch.equal(vis0[n], vis1[n]) for n in vis0)  # tower + projector moved
+    assert all(torch.equal(dec0[n], dec1[n]) for n in dec0)  # the decoder did not
+
+
+def test_sft_with_frozen_vision_keeps_the_warm_features(tiny, tmp_path):
+    torch.set_num_threads(1)
+    root, train = tiny
+    warm = VisionWarmupConfig(steps=2, batch_size=4, pretrain_scans=0)
+    cfg = SFTConfig(max_steps=3, batch_size=4, vision_warmup=warm, train_vision=False)
+    out = run_sft(root / "model", train, root, cfg, tmp_path / "m", warm_vision=True)
+    assert out["vision_warmup_steps"] == 2
+    assert (tmp_path / "m" / "vision_warmup_log.jsonl").read_text().count("\n") == 2
+    # Reload: the vision side equals a warm-up alone (SFT left it), the decoder differs.
+    model = load_model(root / "model")
+    warm_up_vision(model, load_processor(root / "model"), train, root, warm)
+    vis_warm, dec_base = _split_params(model)
+    vis_sft, dec_sft = _split_params(load_model(tmp_path / "m"))
+    assert all(torch.equal(vis_warm[n], vis_sft[n]) for n in vis_warm)
+    assert any(not torch.equal(dec_base[n], dec_sft[n]) for n in dec_base)
+
+
+@pytest.mark.parametrize(
+    ("enabled", "tiny_model", "dataset", "active"),
+    [
+        ("auto", True, "synthlesion", True),
+        ("auto", False, "synthlesion", False),  # a real checkpoint has a pretrained encoder
+        ("auto", True, "slake", False),  # a real dataset has no dense lesion targets
+        (False, True, "synthlesion", False),
+        (True, False, "slake", True),
+    ],
+)
+def test_vision_warmup_auto(enabled, tiny_model, dataset, active):
+    assert VisionWarmupConfig(enabled=enabled).active(tiny_model, dataset) is active
