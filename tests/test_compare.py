@@ -248,10 +248,15 @@ def test_flow_two_variants_two_seeds(prefect_harness, tmp_path):
     man = [read_manifest(t) for t in trains]
     assert [m["config"]["train"]["seed"] for m in man] == [0, 1, 0, 1]
     assert [m["config"]["train"]["loss"]["name"] for m in man] == ["dpo"] * 2 + ["fire_mpo"] * 2
-    # The corruption-kind variant trained on its own corrupt folder (kind black).
+    # Each seed has its own on-policy pairs (resample: sample.seed = seed), shared by the
+    # variants; the corruption-kind variant trained on its own corrupt folder (kind black).
     corrupt = [Path(m["inputs"]["corrupt"]["path"]) for m in man]
-    assert corrupt[0] == corrupt[1] != corrupt[2] == corrupt[3]
-    assert read_manifest(corrupt[2])["config"]["corrupt"]["kind"] == "black"
+    assert len(set(corrupt)) == 4
+    pairs = [read_manifest(c)["inputs"]["judge"]["path"] for c in corrupt]
+    assert pairs[0] == pairs[2] != pairs[1] == pairs[3]
+    rollouts = read_manifest(Path(pairs[1]))["inputs"]["sample"]["path"]
+    assert read_manifest(Path(rollouts))["config"]["sample"]["seed"] == 1
+    assert [read_manifest(c)["config"]["corrupt"]["kind"] for c in corrupt[2:]] == ["black"] * 2
     for r in rows:
         metrics = json.loads((Path(r["eval_dir"]) / "metrics.json").read_text())
         assert float(r["closed_accuracy"]) == metrics["closed_accuracy"]
