@@ -27,7 +27,7 @@ def main() -> int:
         try:
             mod = importlib.import_module(module)
             model = getattr(mod, cls)
-        except Exception as exc:  # noqa: BLE001 - report any import failure, keep going
+        except Exception as exc:  # report any import failure, keep going
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             print(f"  {family:11s} NOT servable here: {type(exc).__name__}: {first[:120]}")
             continue

@@ -91,20 +91,20 @@ def _gone(pgid: int, within_s: float = 10.0) -> bool:
 
 
 def test_config_fails_fast_naming_the_field():
-    with pytest.raises(ValidationError, match="openai.base_urls"):
+    with pytest.raises(ValidationError, match=r"openai.base_urls"):
         SampleConfig(engine="vllm_server", openai={"base_urls": ["http://h:1/v1"], "model": "m"})
-    with pytest.raises(ValidationError, match="max_lora_rank"):
+    with pytest.raises(ValidationError, match=r"max_lora_rank"):
         SampleConfig(engine="vllm_server", vllm={"max_lora_rank": 12})
-    with pytest.raises(ValidationError, match="lora_loading"):
+    with pytest.raises(ValidationError, match=r"lora_loading"):
         SampleConfig(
             engine="vllm_server",
             vllm_server={"base_url": "http://h:8000", "lora_loading": "startup"},
         )
-    with pytest.raises(ValidationError, match="base_url"):
+    with pytest.raises(ValidationError, match=r"base_url"):
         SampleConfig(engine="vllm_server", vllm_server={"base_url": "gpu1:8000"})
-    with pytest.raises(ValidationError, match="extra_fied|Extra inputs"):
+    with pytest.raises(ValidationError, match=r"extra_fied|Extra inputs"):
         SampleConfig(engine="vllm_server", vllm_server={"extra_fied": 1})
-    with pytest.raises(ValidationError, match="variable names"):
+    with pytest.raises(ValidationError, match=r"variable names"):
         SampleConfig(engine="vllm_server", vllm_server={"env": {"A B": "1"}})
     # The default is valid, and the offline engine is not held to vLLM's rank list.
     SampleConfig(engine="vllm_server")
@@ -114,7 +114,7 @@ def test_config_fails_fast_naming_the_field():
 def test_missing_vllm_python_names_the_field_and_make_target(tmp_path):
     with pytest.raises(VLLMServerError, match=r"sample\.vllm_server\.python.*make vllm-cpu"):
         resolve_python(str(tmp_path / "nope" / "python"))
-    with pytest.raises(VLLMServerError, match="vllm_server.python"):
+    with pytest.raises(VLLMServerError, match=r"vllm_server.python"):
         make_engine(_cfg(python="no-such-venv/bin/python"), PolicyRef(base="b"))
     assert resolve_python(sys.executable) == Path(sys.executable)
 
@@ -163,15 +163,15 @@ def test_check_adapter(tmp_path):
     ok = check_adapter(_adapter(tmp_path / "ok", LM_MODULES), max_lora_rank=8)
     assert ok == {"rank": 8, "modules": 2, "vision_modules": 0}
     vision = _adapter(tmp_path / "v", [*LM_MODULES, "model.vision_model.encoder.layers.0.fc1"])
-    with pytest.raises(VLLMServerError, match="outside the language model.*scope"):
+    with pytest.raises(VLLMServerError, match=r"outside the language model.*scope"):
         check_adapter(vision, max_lora_rank=8)
     assert check_adapter(vision, max_lora_rank=8, tower_lora=True)["vision_modules"] == 1
-    with pytest.raises(VLLMServerError, match="max_lora_rank=8"):
+    with pytest.raises(VLLMServerError, match=r"max_lora_rank=8"):
         check_adapter(_adapter(tmp_path / "big", LM_MODULES, r=16), max_lora_rank=8)
     saved = {"base_model.model.lm_head.weight": torch.zeros(2, 2)}
-    with pytest.raises(VLLMServerError, match="modules_to_save"):
+    with pytest.raises(VLLMServerError, match=r"modules_to_save"):
         check_adapter(_adapter(tmp_path / "s", LM_MODULES, extra=saved), max_lora_rank=8)
-    with pytest.raises(VLLMServerError, match="not a peft LoRA adapter"):
+    with pytest.raises(VLLMServerError, match=r"not a peft LoRA adapter"):
         check_adapter(tmp_path / "missing", max_lora_rank=8)
 
 
@@ -218,7 +218,7 @@ def test_runtime_adapter_loading(tmp_path):
 def test_server_that_exits_at_start_fails_with_its_log(tmp_path):
     cfg = _cfg(env={"FAKE_VLLM_EXIT_AT_START": "2"})
     engine = make_engine(cfg, PolicyRef(base="b"), log_path=tmp_path / "s.log")
-    with pytest.raises(VLLMServerError, match="exited with code 2(?s:.*)something is wrong"):
+    with pytest.raises(VLLMServerError, match=r"exited with code 2(?s:.*)something is wrong"):
         list(engine.sample(_items(1)))
     assert engine.server is not None and not engine.server.group_alive()
 
@@ -226,7 +226,7 @@ def test_server_that_exits_at_start_fails_with_its_log(tmp_path):
 def test_startup_timeout_stops_the_server(tmp_path):
     cfg = _cfg(startup_timeout_s=1.0, env={"FAKE_VLLM_START_DELAY": "30"})
     engine = make_engine(cfg, PolicyRef(base="b"), log_path=tmp_path / "s.log")
-    with pytest.raises(VLLMServerError, match="not ready after 1 s.*startup_timeout_s"):
+    with pytest.raises(VLLMServerError, match=r"not ready after 1 s.*startup_timeout_s"):
         list(engine.sample(_items(1)))
     assert _gone(engine.server.pgid)
 
@@ -244,7 +244,7 @@ def test_server_killed_mid_stage_fails_the_attempt_and_the_rerun_resumes(tmp_pat
     out = tmp_path / "rollouts.jsonl"
     cfg = _cfg(env={"FAKE_VLLM_DIE_AFTER": "6", "FAKE_VLLM_REPLY_DELAY": "0.02"})
     engine = make_engine(cfg, PolicyRef(base="b"), log_path=tmp_path / "s.log")
-    with pytest.raises(VLLMServerDied, match="went away while sampling.*resumes"):
+    with pytest.raises(VLLMServerDied, match=r"went away while sampling.*resumes"):
         try:
             sample_to_file(engine, _items(20), out)
         finally:
@@ -310,7 +310,7 @@ def test_attached_server_without_runtime_lora_says_how_to_start_it(tmp_path):
         host.start()
         cfg = _cfg(base_url=host.info["url"])
         engine = make_engine(cfg, PolicyRef(base="/m/base", adapter=adapter))
-        with pytest.raises(VLLMServerError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+        with pytest.raises(VLLMServerError, match=r"VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
             list(engine.sample(_items(1)))
 
 
@@ -318,5 +318,5 @@ def test_attached_server_that_is_not_there(tmp_path):
     with FakeOpenAI() as fake:  # answers chat, but has no /health: not a vLLM server
         cfg = _cfg(base_url=fake.base_url, startup_timeout_s=1.0)
         engine = make_engine(cfg, PolicyRef(base="b"))
-        with pytest.raises(VLLMServerError, match="no vLLM server answers.*base_url"):
+        with pytest.raises(VLLMServerError, match=r"no vLLM server answers.*base_url"):
             list(engine.sample(_items(1)))

@@ -10,8 +10,8 @@ Idefics3 yet (issue 14 adds it)::
     adapter = build_tiny_adapter(base, tmp / "adapter")      # peft LoRA on the text model only
 
 Sizes: 32 px images, patch 8, pixel-shuffle scale 2, so 4 image tokens per image (no splitting);
-a 2-layer vision tower (hidden 32) and a 2-layer Llama text model (hidden 64, head dim 32: vLLM's CPU attention has no head size
-below 32), ~0.15M parameters.
+a 2-layer vision tower (hidden 32) and a 2-layer Llama text model (hidden 64, head dim 32:
+vLLM's CPU attention has no head size below 32), ~0.15M parameters.
 The chat template is Idefics3's own (``User:<image>question<end_of_utterance>\\nAssistant:``),
 EOS = ``<end_of_utterance>``. Deterministic for a seed.
 """
