@@ -131,6 +131,10 @@ def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> Path:
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "tie_word_embeddings": False,
+            # Wider than the default 0.02, so a random model's next-token logits are not near
+            # ties: greedy answers then agree between engines (vLLM vs transformers) instead of
+            # flipping on float rounding.
+            "initializer_range": 0.3,
         },
         scale_factor=SCALE_FACTOR,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
