@@ -320,3 +320,20 @@ def test_attached_server_that_is_not_there(tmp_path):
         engine = make_engine(cfg, PolicyRef(base="b"))
         with pytest.raises(VLLMServerError, match=r"no vLLM server answers.*base_url"):
             list(engine.sample(_items(1)))
+
+
+@pytest.mark.parametrize("profile", sorted((REPO / "configs" / "gpu").glob("*.yaml")))
+def test_gpu_profiles_switch_to_server_mode(profile):
+    """Each GPU profile's sample section is valid with engine vllm_server, and its server
+    command carries the profile's engine options and the round's adapter."""
+    from fire_mpo_core.config import load_config
+
+    cfg = load_config(profile)
+    sample = SampleConfig.model_validate({**cfg.sample.model_dump(), "engine": "vllm_server"})
+    policy = PolicyRef(base=cfg.model.name_or_path, adapter="/store/round-1/train/k/adapter")
+    argv, name = server_command(sample, policy, ".venv-vllm/bin/python", 8000)
+    joined = " ".join(argv)
+    assert f"--model {cfg.model.name_or_path}" in joined
+    assert f"--max-lora-rank {sample.vllm.max_lora_rank}" in joined
+    assert f"--lora-modules {name}=/store/round-1/train/k/adapter" in joined
+    assert f"--dtype {sample.vllm.dtype}" in joined
