@@ -16,6 +16,7 @@ video processor). Image processors use the PIL backend whenever torchvision is a
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -98,17 +99,30 @@ def image_only_processor_class(base: type[ProcessorMixin]) -> type[ProcessorMixi
             "is only defined for image_processor + tokenizer + video_processor"
         )
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # ProcessorMixin pairs positional sub-processors with get_attributes() (here: image
-        # processor, tokenizer), so the None video processor is dropped, not stored.
-        base.__init__(
-            self,
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-            **kwargs,
-        )
+    # The base's own named parameters minus video_processor, as real code (not **kwargs):
+    # from_pretrained and save_pretrained read __init__'s code / signature to decide which
+    # processor_config.json entries to pass and write (InternVL's image_seq_length, ...).
+    sig = inspect.signature(base.__init__)
+    names = [
+        n
+        for n, p in sig.parameters.items()
+        if n not in ("self", "video_processor") and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    defaults = {
+        n: (None if sig.parameters[n].default is inspect.Parameter.empty
+            else sig.parameters[n].default)
+        for n in names
+    }  # fmt: skip
+    # ProcessorMixin pairs positional sub-processors with get_attributes() (here: image
+    # processor, tokenizer), so the None video processor is dropped, not stored.
+    source = (
+        f"def __init__(self, {', '.join(f'{n}=_defaults[{n!r}]' for n in names)}, **kwargs):\n"
+        f"    _base.__init__(self, {', '.join(f'{n}={n}' for n in names)}, "
+        "video_processor=None, **kwargs)\n"
+    )
+    namespace: dict = {"_base": base, "_defaults": defaults}
+    exec(source, namespace)
+    __init__ = namespace["__init__"]
 
     return type(
         base.__name__,
