@@ -24,11 +24,18 @@ from fire_mpo_core.config import DataConfig, ModelConfig
 from fire_mpo_core.data.synthlesion import generate_synthlesion, load_records
 from fire_mpo_core.evaluation.grounding import _grid_and_crop, image_token_id, patch_coverage
 from fire_mpo_core.losses.config import LossConfig
-from fire_mpo_core.models import build_tiny_model, encode_batch, load_model, load_processor
+from fire_mpo_core.models import (
+    build_tiny_model,
+    encode_batch,
+    load_model,
+    load_processor,
+    model_inputs,
+)
 from fire_mpo_core.models.families import FAMILIES, family_of
 from fire_mpo_core.models.tiny import TINY_ARCHS
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.sampling.vllm_engine import build_vllm_inputs
+from fire_mpo_core.store import is_finished
 from fire_mpo_core.training.batching import ImageCache, build_branch_batch, load_pairs
 from fire_mpo_core.training.config import LoRAConfig
 from fire_mpo_core.training.preference import adapted_modules, attach_lora, score_batch
@@ -133,13 +140,7 @@ def test_family_builds_reloads_and_keeps_its_chat_conventions(world, arch):
     last = batch["labels"][0][batch["labels"][0] != -100][-1]
     assert int(last) == processor.tokenizer.convert_tokens_to_ids(end_of_turn)
     with torch.no_grad():
-        logits = model(
-            **{
-                k: v
-                for k, v in batch.items()
-                if k not in ("labels", "span_mask", "response_truncated")
-            }
-        ).logits
+        logits = model(**model_inputs(batch)).logits
     assert torch.isfinite(logits).all()
 
 
@@ -319,5 +320,9 @@ def test_one_round_cycle_fused_and_naive(arch, tmp_path):
     for m in metrics.values():
         assert m["closed_accuracy"] is not None
         assert m.get("n_lesion_attention", 0) > 0  # grounding ran on this family
-    trains = sorted((store / "fam" / "round-1" / "train").iterdir())
-    assert len(trains) == 2  # the naive run reused every stage before train
+    round_1 = store / "fam" / "round-1"
+    outputs = {d.name: [k for k in d.iterdir() if is_finished(k)] for d in round_1.iterdir()}
+    # The naive run reused every stage before train: one output each, two of train / evaluate.
+    assert {k: len(v) for k, v in outputs.items()} == {
+        "sample": 1, "judge": 1, "corrupt": 1, "reference": 1, "train": 2, "evaluate": 2,
+    }  # fmt: skip

@@ -82,6 +82,7 @@ __all__ = [
     "TINY_ARCHS",
     "build_tiny_model",
     "build_tiny_tokenizer",
+    "create_tiny_config",
     "create_tiny_model",
     "mrope_sections",
 ]
@@ -716,6 +717,16 @@ _BUILDERS = {
 }
 #: The tiny architectures ``ModelConfig.arch`` can name.
 TINY_ARCHS = tuple(_BUILDERS)
+
+
+def create_tiny_config(arch: str):
+    """The transformers config of the tiny ``arch`` at the default sizes (no weights), e.g. to
+    look its family up."""
+    cfg = ModelConfig(arch=arch)
+    tokenizer = build_tiny_tokenizer([], cfg.vocab_size, arch)
+    with torch.device("meta"):
+        model, _ = _BUILDERS[arch](cfg, tokenizer, 64)
+    return model.config
 
 
 def create_tiny_model(
