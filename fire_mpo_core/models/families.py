@@ -9,7 +9,7 @@ checkpoint not built by us works the same way)::
     fam = family_of(model)                    # or family_of(model.config)
     fam.processor_images(images)              # flat list, or one list per sample (Gemma 3)
     fam.language_model                        # "model.language_model" (LoRA scope)
-    fam.select_image_inputs(encoded, rows)    # per-image processor outputs of some rows
+    fam.select_image_inputs(encoded, rows, model.config)   # per-image inputs of some rows
     fam.pack_features(feats)                  # precomputed features -> mm_encoder_outputs
     fam.image_grid(model, processor, encoded, row, n_image_tokens)   # patch grid of the row
 
@@ -116,7 +116,7 @@ def _square_grid(per_tile: Callable[[object, object], int]) -> Callable[..., Gri
 # --------------------------------------------------------------------------- per-image inputs
 
 
-def _rows_pixel_values(encoded: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
+def _rows_pixel_values(encoded: dict[str, Tensor], rows: list[int], config) -> dict[str, Tensor]:
     """One ``pixel_values`` entry per row (LLaVA, Gemma 3, InternVL untiled; Idefics3's
     [R, n_tiles, C, H, W] with its ``pixel_attention_mask``)."""
     out = {"pixel_values": encoded["pixel_values"][rows]}
@@ -126,21 +126,42 @@ def _rows_pixel_values(encoded: dict[str, Tensor], rows: list[int]) -> dict[str,
     return out
 
 
-def _packed_pixel_values(encoded: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
+def _packed_pixel_values(encoded: dict[str, Tensor], rows: list[int], config) -> dict[str, Tensor]:
     """Qwen-VL's packed patches [sum patches, D], split per image by ``image_grid_thw``."""
     grid = encoded["image_grid_thw"]
     chunks = torch.split(encoded["pixel_values"], grid.prod(-1).tolist())
     return {"pixel_values": torch.cat([chunks[r] for r in rows]), "image_grid_thw": grid[rows]}
 
 
+def _tiles_per_row(encoded: dict[str, Tensor], config) -> list[int]:
+    # InternVL's processor drops its per-image tile counts; each tile is image_seq_length
+    # image tokens, so the row's image tokens say how many tiles it has.
+    n = (encoded["input_ids"] == image_token_id(config)).sum(-1)
+    return (n // int(config.image_seq_length)).tolist()
+
+
+def _tiled_pixel_values(encoded: dict[str, Tensor], rows: list[int], config) -> dict[str, Tensor]:
+    """InternVL: ``pixel_values`` [sum tiles, C, H, W] (one tile per image when untiled)."""
+    chunks = torch.split(encoded["pixel_values"], _tiles_per_row(encoded, config))
+    return {"pixel_values": torch.cat([chunks[r] for r in rows])}
+
+
 # --------------------------------------------------------------------------- features
 
 
-def _unpack_pooled(out) -> list[ImageFeatures]:
+def _unpack_pooled(out, encoded, rows, config) -> list[ImageFeatures]:
     return [ImageFeatures(f.reshape(-1, f.shape[-1])) for f in out.pooler_output]
 
 
-def _unpack_deepstack(out) -> list[ImageFeatures]:
+def _unpack_tiles(out, encoded, rows, config) -> list[ImageFeatures]:
+    # One [tiles * image_seq_length, H] entry per image, its tiles in order.
+    tiles = _tiles_per_row(encoded, config)
+    flat = out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
+    sizes = [tiles[r] * int(config.image_seq_length) for r in rows]
+    return [ImageFeatures(f) for f in torch.split(flat, sizes)]
+
+
+def _unpack_deepstack(out, encoded, rows, config) -> list[ImageFeatures]:
     # Qwen3-VL: deepstack_features = per layer, a tuple of per-image tensors.
     layers = [list(layer) for layer in out.deepstack_features]
     return [
@@ -186,8 +207,10 @@ class Family:
             the transformers model; LoRA ``scope: language_model`` adapts only modules below it.
         vision: module paths of the vision tower and projector (frozen under that scope).
         nested_images: the processor wants one list of images per sample.
-        select_image_inputs: ``(encoded, rows) -> forward kwargs`` of those rows' images.
-        unpack_features: ``get_image_features`` output -> one :class:`ImageFeatures` per image.
+        select_image_inputs: ``(encoded, rows, config) -> forward kwargs`` of those rows'
+            images (``get_image_features`` and the per-row forward take them).
+        unpack_features: ``(get_image_features output, encoded, rows, config)`` -> one
+            :class:`ImageFeatures` per row of ``rows``.
         pack_features: per-row :class:`ImageFeatures` -> the ``mm_encoder_outputs["image"]``
             value the model's forward takes.
         image_grid: ``(model, processor, encoded, row, n_image_tokens) -> ((gh, gw), crop)``:
@@ -203,8 +226,8 @@ class Family:
     language_model: str
     vision: tuple[str, ...]
     nested_images: bool
-    select_image_inputs: Callable[[dict[str, Tensor], list[int]], dict[str, Tensor]]
-    unpack_features: Callable[[object], list[ImageFeatures]]
+    select_image_inputs: Callable[[dict[str, Tensor], list[int], object], dict[str, Tensor]]
+    unpack_features: Callable[..., list[ImageFeatures]]
     pack_features: Callable[[Sequence[ImageFeatures]], object]
     image_grid: Callable[..., Grid]
     grid_inputs: tuple[str, ...] = field(default=())
@@ -286,8 +309,8 @@ FAMILIES: dict[str, Family] = {
             language_model="model.language_model",
             vision=("model.vision_tower", "model.multi_modal_projector"),
             nested_images=False,
-            select_image_inputs=_rows_pixel_values,
-            unpack_features=_unpack_pooled,
+            select_image_inputs=_tiled_pixel_values,
+            unpack_features=_unpack_tiles,
             pack_features=_pack_tensor,
             image_grid=_square_grid(lambda m, p: int(m.config.image_seq_length)),
         ),

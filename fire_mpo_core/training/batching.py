@@ -336,18 +336,13 @@ def supports_shared_images(model: torch.nn.Module) -> bool:
     return "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
 
 
-def select_image_inputs(
-    encoded: dict[str, Tensor], rows: Sequence[int] | Tensor, family=None
-) -> dict:
-    """The processor's per-image inputs for the images of ``rows``, in row order (the family's
-    layout: LLaVA-style ``pixel_values`` [R, ...] indexed by row; Qwen-VL-style packed patches
-    split per image by ``image_grid_thw``). ``family`` None: inferred from the keys."""
+def select_image_inputs(model, encoded: dict[str, Tensor], rows: Sequence[int] | Tensor) -> dict:
+    """The processor's per-image inputs for the images of ``rows``, in row order, in the layout
+    of the model's family (LLaVA-style ``pixel_values`` [R, ...] indexed by row; Qwen-VL-style
+    packed patches split per image by ``image_grid_thw``; InternVL's tiles; ...)."""
     rows = torch.as_tensor(rows, dtype=torch.long).tolist()
-    if family is None:
-        from fire_mpo_core.models.families import FAMILIES
-
-        family = FAMILIES["qwen_vl" if "image_grid_thw" in encoded else "llava"]
-    return family.select_image_inputs(encoded, rows)
+    hf = hf_model(model)
+    return family_of(hf).select_image_inputs(encoded, rows, hf.config)
 
 
 def encode_images(
@@ -366,12 +361,13 @@ def encode_images(
         else sorted(set(batch.row_image[rows].tolist()))
     )
     first = [batch.image_first_row[i] for i in wanted]
-    family = family_of(model)
-    inner = hf_model(model).model
-    image_inputs = family.select_image_inputs(batch.encoded, first)
-    out = inner.get_image_features(**image_inputs, return_dict=True)
+    hf = hf_model(model)
+    family = family_of(hf)
+    image_inputs = family.select_image_inputs(batch.encoded, first, hf.config)
+    out = hf.model.get_image_features(**image_inputs, return_dict=True)
     feats: list[ImageFeatures | None] = [None] * len(batch.image_keys)
-    for i, f in zip(wanted, family.unpack_features(out), strict=True):
+    unpacked = family.unpack_features(out, batch.encoded, first, hf.config)
+    for i, f in zip(wanted, unpacked, strict=True):
         feats[i] = f
     return feats
 
@@ -417,7 +413,7 @@ def forward_hidden(
         mm = {"image": family.pack_features(feats)}
         out = hf.model(**inputs, mm_encoder_outputs=mm, use_cache=False)
         return out.last_hidden_state, width
-    inputs.update(family.select_image_inputs(batch.encoded, rows.tolist()))
+    inputs.update(family.select_image_inputs(batch.encoded, rows.tolist(), hf.config))
     out = hf(**inputs, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1], width
 
