@@ -156,6 +156,10 @@ def test_vllm_inputs_hold_one_placeholder_and_no_doubled_bos(world, arch):
     ids = processor.tokenizer(item["prompt"])["input_ids"]
     bos = processor.tokenizer.bos_token_id
     assert bos is None or ids[:2] != [bos, bos]
+    # A template that drops the image is refused, naming the placeholder.
+    processor.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="0 image placeholders"):
+        build_vllm_inputs(processor, ["Q?"], [img])
 
 
 # --------------------------------------------------------------------------- trainer forward

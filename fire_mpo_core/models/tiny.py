@@ -4,26 +4,34 @@ real ``transformers`` architecture, randomly initialised and saved like any hub 
 The result loads with the same calls as a real model (``load_model`` / ``load_processor``), so every
 stage runs unchanged on a tiny CPU model or a 7B GPU model::
 
-    from transformers.processing_utils import ProcessorMixin
-
-from fire_mpo_core.config import ModelConfig
+    from fire_mpo_core.config import ModelConfig
     from fire_mpo_core.models import build_tiny_model, load_model, load_processor
 
     path = build_tiny_model(ModelConfig(arch="llava"), texts, image_size=64, out_dir=Path("base"))
     model, processor = load_model(path), load_processor(path)
 
-Two architectures (``ModelConfig.arch``):
+Architectures (``ModelConfig.arch``; image tokens at 64 px / patch 8):
 
-* ``llava``: ``LlavaForConditionalGeneration`` = a CLIP vision tower (patch ``patch_size``, the
-  CLS token dropped: ``(image_size / patch_size)^2`` image tokens, 64 at 64 px / patch 8), a
-  2-layer GELU projector and a Llama decoder. About 2M parameters at the defaults.
-* ``qwen2_vl``: ``Qwen2VLForConditionalGeneration`` = the Qwen2-VL ViT (2D rotary), its 2x2 patch
-  merger (``(image_size / patch_size / 2)^2`` tokens, 16 at 64 px / patch 8) and a Qwen2 decoder
-  with multimodal rotary embeddings (M-RoPE). Its processor is image-only (see ``loading``).
+* ``llava`` (the embedded default): ``LlavaForConditionalGeneration`` = a CLIP vision tower (the
+  CLS token dropped: ``(image_size / patch_size)^2`` = 64 image tokens), a 2-layer GELU projector
+  and a Llama decoder, ChatML turns. About 2M parameters at the defaults.
+* ``llava_mistral``: the same tower and projector with a Mistral decoder and ``[INST]`` turns
+  (LLaVA-Med v1.5 style); EOS ``</s>``.
+* ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: the Qwen-VL ViT (2D rotary; Qwen2.5-VL's window
+  attention; Qwen3-VL's learned position grid and deepstack mergers feeding the first decoder
+  layers), its 2x2 patch merger (16 tokens) and a decoder with M-RoPE. Image-only processors
+  (see ``loading``).
+* ``gemma3``: SigLIP tower, Gemma 3's RMS-normed, 2x2 average-pooled projector (16 tokens), a
+  Gemma 3 decoder with tied embeddings; ``<start_of_turn>`` turns, images marked by
+  ``token_type_ids``; the processor takes one list of images per sample.
+* ``idefics3``: SigLIP-style tower, pixel-shuffle connector (16 tokens), a Llama decoder,
+  SmolVLM's ``User:`` / ``Assistant:`` turns; one untiled image per sample.
+* ``internvl``: InternViT, pixel shuffle + MLP projector (16 tokens), a Qwen2 decoder, ChatML
+  with ``<IMG_CONTEXT>``; one tile per image.
 
-Both use a ChatML-style chat template (``<|im_start|>role\\n ... <|im_end|>\\n``) whose end-of-turn
-marker ``<|im_end|>`` is the EOS token, so a response followed by EOS is a finished turn.
-The build is deterministic: the same config, texts and image size give byte-identical files.
+Every tokenizer carries its family's real special tokens, and each chat template's end-of-turn
+marker is the EOS token, so a response followed by EOS is a finished turn. The build is
+deterministic: the same config, texts and image size give byte-identical files.
 """
 
 from __future__ import annotations

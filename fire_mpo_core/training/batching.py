@@ -20,9 +20,10 @@ a response longer than ``max_length`` is cut at the end, never the prompt or its
 Image encoding: every distinct image of a batch goes through the vision tower once (the clean
 image serves both clean branches, v' both corrupt ones, and questions about the same scan share
 it), via :func:`encode_images`; :func:`forward_hidden` then scatters those features into any
-subset of rows through the models' ``mm_encoder_outputs`` argument (transformers 5: LLaVA,
-Qwen2-VL and their relatives). A model without that argument falls back to encoding each row's
-image (4 encodes per pair with v' instead of 2).
+subset of rows through the models' ``mm_encoder_outputs`` argument (transformers 5; every family
+of :mod:`fire_mpo_core.models.families`, which knows each one's pixel layout, feature form and
+Qwen3-VL's deepstack features). A model without that argument falls back to encoding each row's
+image (4 encodes per pair with v' instead of 2), measured equal to the shared path.
 
 Usage::
 
