@@ -99,36 +99,35 @@ def image_only_processor_class(base: type[ProcessorMixin]) -> type[ProcessorMixi
             "is only defined for image_processor + tokenizer + video_processor"
         )
 
-    # The base's own named parameters minus video_processor, as real code (not **kwargs):
-    # from_pretrained and save_pretrained read __init__'s code / signature to decide which
-    # processor_config.json entries to pass and write (InternVL's image_seq_length, ...).
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # ProcessorMixin pairs positional sub-processors with get_attributes() (here: image
+        # processor, tokenizer), so the None video processor is dropped, not stored.
+        base.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+    # The base's own parameters (InternVL's image_seq_length, ...) minus the video processor:
+    # save_pretrained writes the processor_config.json entries that __init__'s signature names,
+    # and from_pretrained passes only those that validate_init_kwargs accepts.
     sig = inspect.signature(base.__init__)
-    names = [
-        n
-        for n, p in sig.parameters.items()
-        if n not in ("self", "video_processor") and p.kind is p.POSITIONAL_OR_KEYWORD
-    ]
-    defaults = {
-        n: (None if sig.parameters[n].default is inspect.Parameter.empty
-            else sig.parameters[n].default)
-        for n in names
-    }  # fmt: skip
-    # ProcessorMixin pairs positional sub-processors with get_attributes() (here: image
-    # processor, tokenizer), so the None video processor is dropped, not stored.
-    source = (
-        f"def __init__(self, {', '.join(f'{n}=_defaults[{n!r}]' for n in names)}, **kwargs):\n"
-        f"    _base.__init__(self, {', '.join(f'{n}={n}' for n in names)}, "
-        "video_processor=None, **kwargs)\n"
-    )
-    namespace: dict = {"_base": base, "_defaults": defaults}
-    exec(source, namespace)
-    __init__ = namespace["__init__"]
+    params = [p for n, p in sig.parameters.items() if n != "video_processor"]
+    __init__.__signature__ = sig.replace(parameters=params)
+    accepted = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)[1:]
+
+    def validate_init_kwargs(processor_config, valid_kwargs):
+        return ProcessorMixin.validate_init_kwargs(processor_config, (*valid_kwargs, *accepted))
 
     return type(
         base.__name__,
         (base,),
         {
             "__init__": __init__,
+            "validate_init_kwargs": staticmethod(validate_init_kwargs),
             "__module__": __name__,
             "__qualname__": f"image_only_processor_class.<{base.__name__}>",
             "__doc__": f"{base.__name__} without a video processor (no torchvision needed).",
