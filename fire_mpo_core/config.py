@@ -126,9 +126,15 @@ class ModelConfig(_Cfg):
         default=None,
         description="Checkpoint path or hub id; None builds the tiny model in `prepare`.",
     )
-    arch: Literal["llava", "qwen2_vl"] = Field(
-        default="llava", description="Architecture of the tiny model built when no path is given."
-    )
+    arch: Literal[
+        "llava", "llava_mistral", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3",
+        "internvl",
+    ] = Field(
+        default="llava",
+        description="Architecture of the tiny model built when no path is given: LLaVA with a "
+        "Llama (llava) or Mistral (llava_mistral) decoder, Qwen2-VL, Qwen2.5-VL, Qwen3-VL "
+        "(deepstack), Gemma 3, Idefics3 (SmolVLM), InternVL (fire_mpo_core.models.families).",
+    )  # fmt: skip
     model_type: str | None = Field(
         default=None,
         description="transformers model_type of the checkpoint at name_or_path (e.g. qwen2_5_vl, "

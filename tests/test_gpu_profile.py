@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from fire_mpo_core.config import ConfigError, load_config
@@ -34,6 +35,8 @@ PROFILES = {
         "FreedomIntelligence/HuatuoGPT-Vision-7B-Qwen2.5VL",
         "Qwen2_5_VLForConditionalGeneration",
     ),
+    "medgemma_4b_it": ("google/medgemma-4b-it", "Gemma3ForConditionalGeneration"),
+    "lingshu_7b": ("lingshu-medical-mllm/Lingshu-7B", "Qwen2_5_VLForConditionalGeneration"),
 }
 
 
@@ -58,6 +61,28 @@ def test_profile_loads_with_paper_settings_and_its_model_class_resolves(name):
     config = AutoConfig.for_model(cfg.model.model_type)
     model_class = AutoModelForImageTextToText._model_mapping[type(config)]
     assert model_class.__name__ == class_name
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profile_family_is_one_the_tiny_cycle_runs(name):
+    """The profile's model goes through the same family entry (processor images, LoRA scope,
+    shared features, patch grid) as the tiny model of that architecture that
+    tests/test_families.py runs through the whole cycle."""
+    from fire_mpo_core.models.families import family_of
+    from fire_mpo_core.models.tiny import TINY_ARCHS, create_tiny_config
+
+    cfg = load_config(REPO / "configs" / "gpu" / f"{name}.yaml")
+    family = family_of(cfg.model.model_type)
+    tested = {family_of(create_tiny_config(a)).name for a in TINY_ARCHS}
+    assert family.name in tested
+    # The real-size model (on the meta device: no memory, no download) has the language model
+    # and vision modules where the family says; LoRA's language_model scope relies on it.
+    config = AutoConfig.for_model(cfg.model.model_type)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert family_of(model) is family
+    for path in (family.language_model, *family.vision):
+        model.get_submodule(path)
 
 
 def test_unknown_model_type_fails_naming_the_field(tmp_path):

@@ -119,7 +119,7 @@ def test_config_backoff_bounds_and_extra_keys():
         OpenAIEndpointConfig(backoff_base_s=2.0, backoff_max_s=1.0)
     with pytest.raises(ValidationError):
         SampleConfig(engine="hf", samples=3)  # typo of n
-    assert set(ENGINES) == {"hf", "vllm", "openai"}
+    assert set(ENGINES) == {"hf", "vllm", "vllm_server", "openai"}
 
 
 def test_backoff_delay_is_jittered_exponential_capped_and_honours_retry_after():

@@ -32,8 +32,10 @@ Three measurements on a capped, evenly spaced subset of the evaluated split
    layer (mean over records) and ``lesion_attention_ratio`` (mean over layers).
 
 Image tokens are found from the processor's output: positions where ``input_ids`` is the
-model's image token, in row-major order of the patch grid (LLaVA: the CLIP crop's
-``crop / patch`` grid; Qwen2-VL: ``image_grid_thw`` after the ``merge_size`` merger). The mask
+model's image token, in row-major order of the patch grid that the model's family
+(:mod:`fire_mpo_core.models.families`) gives (LLaVA: the CLIP crop's ``crop / patch`` grid;
+Qwen-VL: ``image_grid_thw`` after the ``merge_size`` merger; Gemma 3, Idefics3, InternVL: the
+square grid of one pooled / pixel-shuffled tile). The mask
 goes through the same resize / centre crop as the image (:func:`patch_coverage`).
 """
 
@@ -59,6 +61,8 @@ from fire_mpo_core.evaluation.metrics import closed_correct, exact_match
 from fire_mpo_core.evaluation.probes import Probe, build_probes
 from fire_mpo_core.evaluation.stats import rate_with_ci
 from fire_mpo_core.models import encode_batch, generate, model_inputs
+from fire_mpo_core.models.families import family_of
+from fire_mpo_core.models.families import image_token_id as _image_token_id
 
 
 def evenly(items: Sequence[Any], n: int) -> list[Any]:
@@ -103,12 +107,7 @@ def _to_model(model, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def image_token_id(model) -> int:
-    cfg = model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(model).__name__} config names no image token id")
+    return _image_token_id(model.config)
 
 
 def patch_coverage(
@@ -134,21 +133,8 @@ def patch_coverage(
 
 
 def _grid_and_crop(model, processor, batch, row: int, n_image: int):
-    ip = processor.image_processor
-    if "image_grid_thw" in batch:
-        _, h, w = (int(x) for x in batch["image_grid_thw"][row])
-        merge = int(getattr(ip, "merge_size", 2))
-        grid, crop = (h // merge, w // merge), None
-    else:
-        patch = int(model.config.vision_config.patch_size)
-        cs = getattr(ip, "crop_size", None) or {}
-        size = getattr(ip, "size", None) or {}
-        ch, cw = cs.get("height"), cs.get("width")
-        short = size.get("shortest_edge") or size.get("height")
-        if not (ch and cw and short):
-            raise ValueError(f"cannot infer the image grid of {type(ip).__name__}")
-        grid = (ch // patch, cw // patch)
-        crop = (short, ch, cw) if getattr(ip, "do_center_crop", False) else None
+    # The family knows how its image tokens lie on the image (fire_mpo_core.models.families).
+    grid, crop = family_of(model).image_grid(model, processor, batch, row, n_image)
     if grid[0] * grid[1] != n_image:
         raise ValueError(f"image grid {grid} does not match {n_image} image tokens")
     return grid, crop

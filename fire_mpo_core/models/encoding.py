@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fire_mpo_core.models.families import processor_family
+
 __all__ = [
     "IGNORE_INDEX",
     "NON_MODEL_KEYS",
@@ -134,8 +136,10 @@ def encode_batch(
     # gets no second one; otherwise the tokenizer adds its usual specials (Llama's BOS, ...).
     bos = tokenizer.bos_token
     add_special = not (bos is not None and prompts[0].startswith(bos))
+    family = processor_family(processor)
     enc = processor(
-        images=list(images),
+        # Gemma 3 / Idefics3 want one list of images per sample, the others a flat list.
+        images=family.processor_images(images) if family is not None else list(images),
         text=prompts,
         add_special_tokens=add_special,
         padding=True,

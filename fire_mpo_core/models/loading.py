@@ -16,6 +16,7 @@ video processor). Image processors use the PIL backend whenever torchvision is a
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -110,11 +111,23 @@ def image_only_processor_class(base: type[ProcessorMixin]) -> type[ProcessorMixi
             **kwargs,
         )
 
+    # The base's own parameters (InternVL's image_seq_length, ...) minus the video processor:
+    # save_pretrained writes the processor_config.json entries that __init__'s signature names,
+    # and from_pretrained passes only those that validate_init_kwargs accepts.
+    sig = inspect.signature(base.__init__)
+    params = [p for n, p in sig.parameters.items() if n != "video_processor"]
+    __init__.__signature__ = sig.replace(parameters=params)
+    accepted = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)[1:]
+
+    def validate_init_kwargs(processor_config, valid_kwargs):
+        return ProcessorMixin.validate_init_kwargs(processor_config, (*valid_kwargs, *accepted))
+
     return type(
         base.__name__,
         (base,),
         {
             "__init__": __init__,
+            "validate_init_kwargs": staticmethod(validate_init_kwargs),
             "__module__": __name__,
             "__qualname__": f"image_only_processor_class.<{base.__name__}>",
             "__doc__": f"{base.__name__} without a video processor (no torchvision needed).",

@@ -7,12 +7,15 @@
     stats = sample_to_file(engine, items, out_dir / "rollouts.jsonl", on_reject=writer.reject)
 
 Engines (``SampleConfig.engine``; one class each in :data:`ENGINES`): ``hf`` (transformers, the
-embedded default), ``vllm`` (offline GPU, optional extra), ``openai`` (any OpenAI-compatible
-endpoint). Every engine yields ``n`` :class:`~fire_mpo_core.data.records.Rollout` rows per item
-or a :class:`Reject` for it.
+embedded default), ``vllm`` (offline GPU, optional extra), ``vllm_server`` (a vLLM OpenAI server
+run from its own environment, started for the round's policy or attached to; the recommended GPU
+path), ``openai`` (any OpenAI-compatible endpoint). Every engine yields ``n``
+:class:`~fire_mpo_core.data.records.Rollout` rows per item or a :class:`Reject` for it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from fire_mpo_core.sampling.base import (
     PolicyLike,
@@ -24,10 +27,16 @@ from fire_mpo_core.sampling.base import (
     items_from_records,
     sample_to_file,
 )
-from fire_mpo_core.sampling.config import HFSamplingConfig, SampleConfig, VLLMSamplingConfig
+from fire_mpo_core.sampling.config import (
+    HFSamplingConfig,
+    SampleConfig,
+    VLLMSamplingConfig,
+    VLLMServerConfig,
+)
 from fire_mpo_core.sampling.hf import HFEngine
 from fire_mpo_core.sampling.openai_engine import OpenAIEngine
 from fire_mpo_core.sampling.vllm_engine import VLLMEngine
+from fire_mpo_core.sampling.vllm_server import VLLMServerEngine
 
 __all__ = [
     "ENGINES",
@@ -42,6 +51,8 @@ __all__ = [
     "SamplingEngine",
     "VLLMEngine",
     "VLLMSamplingConfig",
+    "VLLMServerConfig",
+    "VLLMServerEngine",
     "derive_seed",
     "items_from_records",
     "make_engine",
@@ -49,15 +60,25 @@ __all__ = [
 ]
 
 #: Engine name -> class; a new engine is one class and one line here.
-ENGINES: dict[str, type] = {"hf": HFEngine, "vllm": VLLMEngine, "openai": OpenAIEngine}
+ENGINES: dict[str, type] = {
+    "hf": HFEngine,
+    "vllm": VLLMEngine,
+    "vllm_server": VLLMServerEngine,
+    "openai": OpenAIEngine,
+}
 
 
 def make_engine(
-    cfg: SampleConfig, policy: PolicyLike | None, model_key: str | None = None
+    cfg: SampleConfig,
+    policy: PolicyLike | None,
+    model_key: str | None = None,
+    log_path: Path | None = None,
 ) -> SamplingEngine:
     """Build the engine ``cfg.engine`` for ``policy`` (the `openai` engine takes None: the
     server decides what it serves). ``model_key`` is recorded in every rollout (default: the
-    adapter path, else the base, else the served model name)."""
+    adapter path, else the base, else the served model name). ``log_path``: where a managed
+    vLLM server writes its output (`vllm_server` only). Engines with a ``close`` method
+    (`vllm_server`) hold a process: close them when done."""
     try:
         cls = ENGINES[cfg.engine]
     except KeyError:
@@ -66,4 +87,6 @@ def make_engine(
         ) from None
     if policy is None and cfg.engine != "openai":
         raise ValueError(f"the {cfg.engine!r} engine needs a policy (base model and adapter)")
+    if cfg.engine == "vllm_server":
+        return cls(cfg, policy, model_key=model_key, log_path=log_path)
     return cls(cfg, policy, model_key=model_key)

@@ -13,13 +13,17 @@ Conflicting fields fail at validation time with a message naming both.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fire_mpo_core.openai_client import OpenAIEndpointConfig
 
-__all__ = ["HFSamplingConfig", "SampleConfig", "VLLMSamplingConfig"]
+__all__ = ["HFSamplingConfig", "SampleConfig", "VLLMSamplingConfig", "VLLMServerConfig"]
+
+#: LoRA ranks vLLM accepts for ``--max-lora-rank`` (vLLM 0.32, ``vllm.config.lora.MaxLoRARanks``).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class _Cfg(BaseModel):
@@ -71,11 +75,111 @@ class VLLMSamplingConfig(_Cfg):
     )
 
 
+class VLLMServerConfig(_Cfg):
+    """The `vllm_server` engine: sampling from vLLM's OpenAI-compatible server, out of process.
+
+    Managed (the default): the stage starts ``<python> -m <module>`` for the round's policy (base
+    checkpoint + the round's LoRA adapter), waits until it is healthy, samples through the
+    `openai` engine (retries, ``openai.max_concurrency`` requests in flight, rows in record
+    order), and stops it (process group) when the stage ends, fails or is interrupted. Attached
+    (``base_url`` set, like TRL's ``vllm_server_base_url``): a server someone else runs; the stage
+    only loads the round's adapter into it (``/v1/load_lora_adapter``) and samples. Engine
+    options (dtype, tensor / data parallelism, max_num_seqs, max_lora_rank, ...) come from the
+    ``vllm`` section, shared with the offline engine.
+    """
+
+    base_url: str | None = Field(
+        default=None,
+        description="URL of a running vLLM server to attach to (e.g. http://gpu1:8000); None: "
+        "the stage starts and stops its own. The server must see the adapter path and be "
+        "started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.",
+    )
+    python: str = Field(
+        default=".venv-vllm/bin/python",
+        description="Python of the environment that has vLLM (`make vllm-cpu` builds "
+        ".venv-vllm); relative paths are tried from the working directory, then the project "
+        "root. The project's own environment never needs vLLM.",
+    )
+    module: str = Field(
+        default="vllm.entrypoints.openai.api_server",
+        description="Module run as `python -m MODULE` (the `vllm serve` equivalent; the `vllm` "
+        "command itself fails under the vllm-cpu package name).",
+    )
+    host: str = Field(default="127.0.0.1", description="Address a managed server binds.")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Port of a managed server (None: a free one)."
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="Name the base model is served under (managed: 'base' if None; attached: "
+        "None = the server's root model from /v1/models).",
+    )
+    lora_loading: Literal["auto", "startup", "runtime"] = Field(
+        default="auto",
+        description="How the round's adapter gets in: 'startup' (--lora-modules, managed only), "
+        "'runtime' (POST /v1/load_lora_adapter), 'auto' (startup when managed, runtime when "
+        "attached).",
+    )
+    startup_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Seconds to wait for /health and /v1/models (like TRL's vllm_server_timeout; "
+        "a tiny model on 2 CPU cores takes ~1 min, a 7B on a GPU a few).",
+    )
+    stop_timeout_s: float = Field(
+        default=30.0, gt=0, description="Seconds between SIGTERM and SIGKILL when stopping."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment of a managed server, e.g. CUDA_VISIBLE_DEVICES: '1' (its "
+        "own GPU) or, on CPU, VLLM_CPU_KVCACHE_SPACE: '1' (GiB of KV cache; vLLM's default is 4) "
+        "and VLLM_CPU_OMP_THREADS_BIND: nobind.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="Extra server arguments, appended as given (e.g. ['--enforce-eager']).",
+    )
+    enable_tower_connector_lora: bool = Field(
+        default=False,
+        description="Serve LoRA on the vision tower / connector too (vLLM: experimental, some "
+        "models only). Off: an adapter with vision-side layers is refused, since vLLM would "
+        "silently ignore them (train with lora.scope: language_model).",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="Attached server only: NAME of the environment variable with its API key "
+        "(None: no authentication). A managed server listens without a key on `host`.",
+        repr=False,
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> VLLMServerConfig:
+        if self.base_url is not None and not re.match(r"^https?://[^\s/]+", self.base_url):
+            raise ValueError("vllm_server.base_url must be an http(s) URL, e.g. http://host:8000")
+        if self.base_url is not None and self.lora_loading == "startup":
+            raise ValueError(
+                "vllm_server.lora_loading='startup' needs a managed server, but base_url is set "
+                "(an attached server loads adapters at runtime): set lora_loading to 'runtime' "
+                "or 'auto', or drop base_url"
+            )
+        if self.api_key_env is not None and not re.match(
+            r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env
+        ):
+            raise ValueError("vllm_server.api_key_env must be the NAME of an environment variable")
+        bad = [k for k in self.env if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)]
+        if bad:
+            raise ValueError(f"vllm_server.env has names that are not variable names: {bad}")
+        return self
+
+
 class SampleConfig(_Cfg):
     """The `sample` stage: ``n`` on-policy answers per (image, question) of ``split``."""
 
-    engine: Literal["hf", "vllm", "openai"] = Field(
-        default="hf", description="hf (transformers, CPU/GPU), vllm (offline GPU), openai (HTTP)."
+    engine: Literal["hf", "vllm", "vllm_server", "openai"] = Field(
+        default="hf",
+        description="hf (transformers, CPU/GPU), vllm (offline, in process), vllm_server (a "
+        "vLLM OpenAI server the stage starts, or attaches to, with the round's adapter), openai "
+        "(any OpenAI-compatible HTTP endpoint).",
     )
     n: int = Field(default=1, ge=1, description="Samples per prompt.")
     temperature: float = Field(
@@ -99,8 +203,13 @@ class SampleConfig(_Cfg):
     vllm: VLLMSamplingConfig = Field(
         default_factory=VLLMSamplingConfig, description="Settings of the vllm engine."
     )
+    vllm_server: VLLMServerConfig = Field(
+        default_factory=VLLMServerConfig, description="Settings of the vllm_server engine."
+    )
     openai: OpenAIEndpointConfig = Field(
-        default_factory=OpenAIEndpointConfig, description="Settings of the openai engine."
+        default_factory=OpenAIEndpointConfig,
+        description="Settings of the openai engine; for vllm_server, its request settings "
+        "(max_concurrency, timeout_s, max_retries, backoff) - the engine sets URL and model.",
     )
 
     @model_validator(mode="after")
@@ -115,6 +224,18 @@ class SampleConfig(_Cfg):
             raise ValueError(
                 f"temperature=0 (greedy) gives one answer per prompt, but n={self.n}: "
                 "set n=1 or temperature > 0"
+            )
+        vllm_engine = self.engine in ("vllm", "vllm_server")
+        if vllm_engine and self.vllm.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(
+                f"vllm.max_lora_rank={self.vllm.max_lora_rank} is not a rank vLLM serves; use "
+                f"one of {list(VLLM_LORA_RANKS)} (at least the adapter's lora.r)"
+            )
+        if self.engine == "vllm_server" and (self.openai.base_urls or self.openai.model):
+            raise ValueError(
+                "engine='vllm_server' sets the endpoint itself, so openai.base_urls and "
+                "openai.model must stay empty: to use a running server set "
+                "vllm_server.base_url (and vllm_server.served_model_name)"
             )
         if self.engine == "openai" and (not self.openai.base_urls or not self.openai.model):
             raise ValueError(

@@ -71,7 +71,8 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
 def build_vllm_inputs(
     processor, questions: Sequence[str], images: Sequence[Image.Image]
 ) -> list[dict[str, Any]]:
-    """vLLM prompt dicts for B (question, image) pairs.
+    """vLLM prompt dicts for B (question, image) pairs, for every family of
+    :mod:`fire_mpo_core.models.families` (tests/test_families.py).
 
     The prompt is :func:`fire_mpo_core.models.build_prompts` (the chat template with one image
     placeholder and the generation prompt). vLLM tokenizes a text prompt with the tokenizer's
@@ -85,10 +86,19 @@ def build_vllm_inputs(
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     tok = processor.tokenizer
     strip = tok.bos_token if _tokenizer_adds_bos(tok) else None
+    # The unexpanded placeholder vLLM replaces (<image>, <|image_pad|>, Gemma 3's
+    # <start_of_image>, InternVL's <IMG_CONTEXT>): exactly one per prompt, or vLLM fails later
+    # with a token-count mismatch far from the cause.
+    placeholder = getattr(processor, "image_token", None)
     out = []
     for prompt, image in zip(build_prompts(processor, list(questions)), images, strict=True):
         if strip and prompt.startswith(strip):
             prompt = prompt[len(strip) :]
+        if placeholder and prompt.count(placeholder) != 1:
+            raise ValueError(
+                f"the chat template of {type(processor).__name__} wrote "
+                f"{prompt.count(placeholder)} image placeholders {placeholder!r} for one image"
+            )
         out.append({"prompt": prompt, "multi_modal_data": {"image": image}})
     return out
 

@@ -20,9 +20,10 @@ a response longer than ``max_length`` is cut at the end, never the prompt or its
 Image encoding: every distinct image of a batch goes through the vision tower once (the clean
 image serves both clean branches, v' both corrupt ones, and questions about the same scan share
 it), via :func:`encode_images`; :func:`forward_hidden` then scatters those features into any
-subset of rows through the models' ``mm_encoder_outputs`` argument (transformers 5: LLaVA,
-Qwen2-VL and their relatives). A model without that argument falls back to encoding each row's
-image (4 encodes per pair with v' instead of 2).
+subset of rows through the models' ``mm_encoder_outputs`` argument (transformers 5; every family
+of :mod:`fire_mpo_core.models.families`, which knows each one's pixel layout, feature form and
+Qwen3-VL's deepstack features). A model without that argument falls back to encoding each row's
+image (4 encodes per pair with v' instead of 2), measured equal to the shared path.
 
 Usage::
 
@@ -48,12 +49,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from fire_mpo_core.data.io import open_image, resolve_in_root
 from fire_mpo_core.data.records import PreferencePair
 from fire_mpo_core.losses.base import BRANCHES
 from fire_mpo_core.models import IGNORE_INDEX, encode_batch
+from fire_mpo_core.models.families import ImageFeatures, family_of
 from fire_mpo_core.store import DATA, read_jsonl
 
 __all__ = [
@@ -333,42 +334,32 @@ def hf_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def supports_shared_images(model: torch.nn.Module) -> bool:
     """Whether the model's inner multimodal model takes precomputed image features
-    (``model.model.get_image_features`` + ``mm_encoder_outputs``; transformers 5 LLaVA,
-    Qwen2-VL, ...)."""
+    (``model.model.get_image_features`` + ``mm_encoder_outputs``; every family of
+    :mod:`fire_mpo_core.models.families` in transformers 5)."""
     inner = getattr(hf_model(model), "model", None)
     if inner is None or not hasattr(inner, "get_image_features"):
         return False
     return "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
 
 
-def select_image_inputs(encoded: dict[str, Tensor], rows: Sequence[int] | Tensor) -> dict:
-    """The processor's per-image inputs for the images of ``rows``, in row order.
-
-    LLaVA-style ``pixel_values`` [R, C, H, W] are indexed by row; Qwen-VL-style packed patches
-    ``pixel_values`` [sum patches, D] with ``image_grid_thw`` [R, 3] are split per image first.
-    """
+def select_image_inputs(model, encoded: dict[str, Tensor], rows: Sequence[int] | Tensor) -> dict:
+    """The processor's per-image inputs for the images of ``rows``, in row order, in the layout
+    of the model's family (LLaVA-style ``pixel_values`` [R, ...] indexed by row; Qwen-VL-style
+    packed patches split per image by ``image_grid_thw``; InternVL's tiles; ...)."""
     rows = torch.as_tensor(rows, dtype=torch.long).tolist()
-    out: dict[str, Tensor] = {}
-    if "image_grid_thw" in encoded:
-        grid = encoded["image_grid_thw"]
-        chunks = torch.split(encoded["pixel_values"], grid.prod(-1).tolist())
-        out["pixel_values"] = torch.cat([chunks[r] for r in rows])
-        out["image_grid_thw"] = grid[rows]
-    else:
-        out["pixel_values"] = encoded["pixel_values"][rows]
-        if "image_sizes" in encoded:
-            out["image_sizes"] = encoded["image_sizes"][rows]
-    return out
+    hf = hf_model(model)
+    return family_of(hf).select_image_inputs(encoded, rows, hf.config)
 
 
 def encode_images(
     model: torch.nn.Module, batch: BranchBatch, rows: Tensor | None = None
-) -> list[Tensor | None]:
+) -> list[ImageFeatures | None]:
     """Vision tower + projector once per distinct image of the batch (of ``rows``, if given).
 
-    Returns one entry per ``batch.image_keys``: the image's features [n_image_tokens, H_text],
-    or None for an image no row of ``rows`` shows. Gradients flow when the vision side has
-    trainable parameters and grad mode is on.
+    Returns one entry per ``batch.image_keys``: the image's :class:`ImageFeatures` (pooled
+    [n_image_tokens, H_text], plus Qwen3-VL's deepstack features), or None for an image no row
+    of ``rows`` shows. Gradients flow when the vision side has trainable parameters and grad
+    mode is on.
     """
     wanted = (
         list(range(len(batch.image_keys)))
@@ -376,10 +367,13 @@ def encode_images(
         else sorted(set(batch.row_image[rows].tolist()))
     )
     first = [batch.image_first_row[i] for i in wanted]
-    inner = hf_model(model).model
-    out = inner.get_image_features(**select_image_inputs(batch.encoded, first), return_dict=True)
-    feats: list[Tensor | None] = [None] * len(batch.image_keys)
-    for i, f in zip(wanted, out.pooler_output):
+    hf = hf_model(model)
+    family = family_of(hf)
+    image_inputs = family.select_image_inputs(batch.encoded, first, hf.config)
+    out = hf.model.get_image_features(**image_inputs, return_dict=True)
+    feats: list[ImageFeatures | None] = [None] * len(batch.image_keys)
+    unpacked = family.unpack_features(out, batch.encoded, first, hf.config)
+    for i, f in zip(wanted, unpacked, strict=True):
         feats[i] = f
     return feats
 
@@ -389,8 +383,6 @@ def _text_inputs(batch: BranchBatch, rows: Tensor) -> tuple[dict[str, Tensor], i
     enc = batch.encoded
     width = int(enc["attention_mask"][rows].sum(-1).max())
     inputs = {k: enc[k][rows, :width] for k in TEXT_KEYS if k in enc}
-    if "image_grid_thw" in enc:  # M-RoPE positions need each row's grid, even with features given
-        inputs["image_grid_thw"] = enc["image_grid_thw"][rows]
     return inputs, width
 
 
@@ -398,7 +390,7 @@ def forward_hidden(
     model: torch.nn.Module,
     batch: BranchBatch,
     rows: Tensor | None = None,
-    image_features: list[Tensor | None] | None = None,
+    image_features: list[ImageFeatures | None] | None = None,
 ) -> tuple[Tensor, int]:
     """Final (normed) hidden states of ``rows`` (default: all), without computing logits.
 
@@ -418,12 +410,16 @@ def forward_hidden(
         rows = torch.arange(batch.num_rows, device=batch.row_pair.device)
     inputs, width = _text_inputs(batch, rows)
     hf = hf_model(model)
+    family = family_of(hf)
     if image_features is not None:
+        # Inputs the forward needs besides the features (Qwen-VL's M-RoPE grid).
+        for key in family.grid_inputs:
+            inputs[key] = batch.encoded[key][rows]
         feats = [image_features[i] for i in batch.row_image[rows].tolist()]
-        mm = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+        mm = {"image": family.pack_features(feats)}
         out = hf.model(**inputs, mm_encoder_outputs=mm, use_cache=False)
         return out.last_hidden_state, width
-    inputs.update(select_image_inputs(batch.encoded, rows))
+    inputs.update(family.select_image_inputs(batch.encoded, rows.tolist(), hf.config))
     out = hf(**inputs, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1], width
 

@@ -68,6 +68,7 @@ from fire_mpo_core.losses.naive import (
 )
 from fire_mpo_core.losses.objectives import build_loss
 from fire_mpo_core.models import IGNORE_INDEX, load_model, load_processor
+from fire_mpo_core.models.families import ImageFeatures, family_of
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.training.batching import (
     BranchBatch,
@@ -122,17 +123,19 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
 def language_model_prefix(model: nn.Module) -> str | None:
-    """Module name of the language model inside an image-text-to-text model (e.g.
-    ``model.language_model`` for LLaVA and Qwen2-VL in transformers 5), or None if unknown."""
+    """Module name of the language model inside an image-text-to-text model: its family's
+    :attr:`~fire_mpo_core.models.families.Family.language_model` (``model.language_model``,
+    Idefics3's ``model.text_model``), or None for a model of no known family."""
     hf = hf_model(model)
-    candidates = [getattr(getattr(hf, "model", None), "language_model", None)]
-    candidates.append(getattr(hf, "language_model", None))
-    for lm in candidates:
-        if isinstance(lm, nn.Module):
-            for name, module in hf.named_modules():
-                if module is lm:
-                    return name
-    return None
+    try:
+        prefix = family_of(hf).language_model
+    except ValueError:
+        return None
+    try:
+        hf.get_submodule(prefix)
+    except AttributeError:
+        return None
+    return prefix
 
 
 def lora_target_modules(model: nn.Module, lora: LoRAConfig) -> str | list[str]:
@@ -220,7 +223,7 @@ def _reference_forward(
     model: nn.Module,
     batch: BranchBatch,
     rows: Tensor | None,
-    policy_features: list[Tensor | None] | None,
+    policy_features: list[ImageFeatures | None] | None,
     shared_images: bool,
     vision_adapted: bool,
     autocast: Callable[[], contextlib.AbstractContextManager],

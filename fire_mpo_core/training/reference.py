@@ -50,6 +50,7 @@ from torch import Tensor
 from fire_mpo_core.data.records import PreferencePair
 from fire_mpo_core.losses.fused import reference_logp_sums
 from fire_mpo_core.models import load_model, load_processor
+from fire_mpo_core.models.families import ImageFeatures
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.training.batching import (
     BRANCHES,
@@ -188,7 +189,7 @@ def branch_reference_sums(
     model: torch.nn.Module,
     batch: BranchBatch,
     chunk_size: int,
-    image_features: list[Tensor] | None = None,
+    image_features: list[ImageFeatures | None] | None = None,
     hidden: tuple[Tensor, int] | None = None,
 ) -> dict[str, BranchReference]:
     """Reference log-prob sums of every branch of ``batch`` from one forward pass.
