@@ -24,7 +24,13 @@ def body(call: StageCall, w: StageWriter) -> dict:
         return {"steps": 0}
     records = load_records(data_root, splits=("train",), on_reject=w.reject)
     metrics = run_sft(
-        base.base, records, data_root, cfg, w.path / "model", call.config["dtype"], w.reject,
+        base.base,
+        records,
+        data_root,
+        cfg,
+        w.path / "model",
+        call.config["dtype"],
+        w.reject,
         call.config.get("warm_vision", False),
     )
     write_policy(w.path, PolicyRef(base="model"))

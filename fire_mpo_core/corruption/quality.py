@@ -66,8 +66,9 @@ class CorruptionQuality(BaseModel):
         description="SSIM of x vs x' on the mask's bounding box (None: box under 3 px)."
     )
     lesion_contrast_before: float | None = Field(
-        default=None, description="Lesion minus surrounding ring, grey levels, in x (None: no "
-        "lesion mask known)."
+        default=None,
+        description="Lesion minus surrounding ring, grey levels, in x (None: no "
+        "lesion mask known).",
     )
     lesion_contrast_after: float | None = Field(
         default=None, description="The same in x', signed in the lesion's direction."
@@ -86,9 +87,7 @@ EVIDENCE_REMOVED_MAX = 0.25
 _RING_GAP_PX, _RING_WIDTH_PX = 2, 4
 
 
-def lesion_contrast(
-    image: np.ndarray, lesion: np.ndarray, region: np.ndarray
-) -> float | None:
+def lesion_contrast(image: np.ndarray, lesion: np.ndarray, region: np.ndarray) -> float | None:
     """Mean grey level inside ``lesion`` minus that of a ring of tissue just outside ``region``
     (the corrupted area, ``lesion`` grown by the corruption's dilation): pixels between
     ``_RING_GAP_PX + 1`` and ``_RING_GAP_PX + _RING_WIDTH_PX`` px beyond it. None when the ring
