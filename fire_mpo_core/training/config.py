@@ -242,7 +242,7 @@ class ReferenceConfig(_Cfg):
     )
     visual_gate: bool = Field(
         default=False,
-        description="Score v' only for pairs the loss's visual gate keeps (train.loss.visual_gate).",
+        description="Score v' only for pairs the visual gate keeps (train.loss.visual_gate).",
     )
 
     @classmethod
