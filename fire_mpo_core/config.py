@@ -177,6 +177,11 @@ class ModelConfig(_Cfg):
         return self
 
 
+#: Tiny architectures whose vision warm start is implemented and tested (LLaVA's per-patch and
+#: Qwen2-VL's merged-patch features); the other families skip it under ``enabled: auto``.
+WARMUP_ARCHS = frozenset({"llava", "llava_mistral", "qwen2_vl"})
+
+
 class VisionWarmupConfig(_Cfg):
     """Dense pretraining of the tiny model's vision tower + projector before SFT
     (fire_mpo_core.training.vision_warmup): a stand-in for a real model's pretrained encoder."""
@@ -212,11 +217,12 @@ class VisionWarmupConfig(_Cfg):
     )
     seed: int = Field(default=0, description="Data order, flips and head initialisation seed.")
 
-    def active(self, tiny_model: bool, dataset: str) -> bool:
+    def active(self, tiny_model: bool, dataset: str, arch: str = "llava") -> bool:
         """``auto``: on only for the tiny model built in ``prepare`` on SynthLesion (a real
-        checkpoint already has a pretrained encoder; a real dataset has no dense targets)."""
+        checkpoint already has a pretrained encoder; a real dataset has no dense targets), of
+        an architecture the warm start reads features from (:data:`WARMUP_ARCHS`)."""
         if self.enabled == "auto":
-            return tiny_model and dataset == "synthlesion"
+            return tiny_model and dataset == "synthlesion" and arch in WARMUP_ARCHS
         return bool(self.enabled)
 
 

@@ -180,7 +180,9 @@ def run_cycle(cfg: CycleConfig, stage: _Runner) -> str | None:
     if cfg.data.path is not None:  # a real dataset: its files are an input of the key too
         prep["dataset_fingerprint"] = cfg.data.fingerprint()
     data = stage("prepare", 0, prep, {})
-    warm = cfg.sft.vision_warmup.active(cfg.model.name_or_path is None, cfg.data.dataset)
+    warm = cfg.sft.vision_warmup.active(
+        cfg.model.name_or_path is None, cfg.data.dataset, cfg.model.arch
+    )
     sft_cfg = {"sft": section("sft"), "dtype": dtype, "warm_vision": warm}
     policy = stage("sft", 0, sft_cfg, {"prepare": data})
     evaluation = stage(

@@ -39,7 +39,13 @@ CYCLE = {
         "vision_layers": 2,
     },
     # Enough SFT for the answer format, so the judge has answers to edit and train has pairs.
-    "sft": {"max_steps": 40, "batch_size": 8, "lr": 3e-3, "include_reports": False},
+    "sft": {
+        "max_steps": 40,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "include_reports": False,
+        "vision_warmup": {"steps": 3, "batch_size": 4, "pretrain_scans": 4},
+    },
     "sample": {"max_new_tokens": 6, "max_records": 12, "batch_size": 6, "temperature": 0.3},
     "corrupt": {"num_workers": 0},
     "train": {"max_steps": 2, "batch_size": 2, "save_every": None},

@@ -152,3 +152,6 @@ def test_sft_with_frozen_vision_keeps_the_warm_features(tiny, tmp_path):
 )
 def test_vision_warmup_auto(enabled, tiny_model, dataset, active):
     assert VisionWarmupConfig(enabled=enabled).active(tiny_model, dataset) is active
+    # Families the warm start does not read features from skip it under auto.
+    assert VisionWarmupConfig().active(True, "synthlesion", "gemma3") is False
+    assert VisionWarmupConfig().active(True, "synthlesion", "qwen2_vl") is True
