@@ -106,7 +106,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # silent: never print headers
         return
 
+    def _leave(self) -> None:
+        """The request stops counting as in flight (before its answer is written: once the
+        client has the answer it may send the next request before this thread goes on)."""
+        if getattr(self, "_counted", False):
+            self._counted = False
+            with self.server.state.lock:
+                self.server.state.in_flight -= 1
+
     def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        self._leave()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -137,13 +146,13 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        self._counted = True
         try:
             self._respond(behaviour, body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout): nothing to answer
         finally:
-            with state.lock:
-                state.in_flight -= 1
+            self._leave()
 
     def _respond(self, b: Behaviour, body: Any) -> None:
         if self.path.rstrip("/") != "/v1/chat/completions":

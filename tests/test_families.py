@@ -320,7 +320,7 @@ def test_one_round_cycle_fused_and_naive(arch, tmp_path):
         metrics[fused] = json.loads((evaluation / "metrics.json").read_text())
     for m in metrics.values():
         assert m["closed_accuracy"] is not None
-        assert m["n_lesion_attention"] > 0 and m["n_visual_sensitivity"] > 0  # grounding ran
+        assert m["n_lesion_attention"] > 0 and m["grounded_accuracy_n"] > 0  # grounding ran
     round_1 = store / "fam" / "round-1"
     outputs = {d.name: [k for k in d.iterdir() if is_finished(k)] for d in round_1.iterdir()}
     # The naive run reused every stage before train: one output each, two of train / evaluate.
