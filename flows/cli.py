@@ -97,10 +97,10 @@ def preflight(config: str, store: str | None = None, overrides: dict | None = No
     return check_store(cfg.store)
 
 
-def supervise(module: str, argv: list[str]) -> int:
-    """Run `python -m module argv` as a child in its own session; returns its exit status."""
+def supervise(args: list[str]) -> int:
+    """Run `python *args` as a child in its own session; returns its exit status."""
     env = {**os.environ, CHILD_ENV: "1"}
-    child = subprocess.Popen([sys.executable, "-m", module, *argv], env=env, start_new_session=True)
+    child = subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
     interrupts = 0
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -162,4 +162,4 @@ def entry(module: str, argv: list[str], config: str, store: str | None, override
     if err:
         print(err if err.startswith("invalid config") else f"error: {err}", file=sys.stderr)
         return 2
-    return supervise(module, argv)
+    return supervise(["-m", module, *argv])
