@@ -98,3 +98,39 @@ def test_prepare_stage_on_a_real_jsonl_dataset(prefect_harness, realdata, tmp_pa
     fire_mpo(config=str(path), stages=["prepare"])
     assert len(list((tmp_path / "store" / "t" / "round-0" / "prepare").glob("[!.]*"))) == 2
     assert Path(out).is_dir()
+
+
+def test_jsonl_bom_empty_images_backslashes_and_one_reject_per_record(tmp_path):
+    """What a hand-made dataset folder brings: a BOM, a 0-byte or broken image, a Windows path,
+    a line that is not JSON. Each bad record is one reject, written once, in `prepare`."""
+    from PIL import Image
+
+    ds = tmp_path / "ds"
+    (ds / "img").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (40, 80, 120)).save(ds / "img" / "ok.png")
+    (ds / "img" / "empty.png").write_bytes(b"")
+    (ds / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    rows = [
+        {"id": "first", "split": "train", "image": "img/ok.png", "question": "q?", "answer": "yes"},
+        {"id": "t1", "split": "test", "image": "img/ok.png", "question": "q?", "answer": "no"},
+        {"id": "zero", "split": "train", "image": "img/empty.png", "question": "q?", "answer": "a"},
+        {"id": "bad", "split": "test", "image": "img/broken.png", "question": "q?", "answer": "a"},
+        {"id": "win", "split": "train", "image": "img\\ok.png", "question": "q?", "answer": "a"},
+    ]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n{not json\n"
+    (ds / "data.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Notepad saves it
+    rejects: list[tuple[str, str]] = []
+    cfg = DataConfig(dataset="jsonl", path=ds)
+    counts = prepare_real_dataset(
+        cfg, tmp_path / "out", on_reject=lambda i, r: rejects.append((i, r))
+    )
+    assert counts["train"] == 1 and counts["test"] == 1  # the BOM did not cost record "first"
+    by_id = dict(rejects)
+    assert sorted(by_id) == ["bad", "data.jsonl:6", "win", "zero"]
+    assert len(rejects) == len(by_id)  # the bad line is in every split's pass, written once
+    assert "empty (0 bytes)" in by_id["zero"]
+    assert "cannot be decoded" in by_id["bad"]
+    assert (
+        "Windows-style backslashes" in by_id["win"]
+        and "'img/ok.png' (that file exists)" in by_id["win"]
+    )
