@@ -47,6 +47,7 @@ def _env(home: Path) -> dict[str, str]:
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
     )
