@@ -97,10 +97,21 @@ def preflight(config: str, store: str | None = None, overrides: dict | None = No
     return check_store(cfg.store)
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the supervisor dies (`kill -9` of `make run`), which Prefect
+    turns into a crash that still stops its API; without it the run would go on, orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def supervise(args: list[str]) -> int:
     """Run `python *args` as a child in its own session; returns its exit status."""
     env = {**os.environ, CHILD_ENV: "1"}
-    child = subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, *args], env=env, start_new_session=True, preexec_fn=_die_with_parent
+    )
     interrupts = 0
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -43,7 +43,13 @@ from prefect import flow, get_run_logger
 from prefect.tasks import Task
 from pydantic import Field
 
-from fire_mpo_core.config import STAGES, CycleConfig, StageName, load_config
+from fire_mpo_core.config import (
+    REAL_DATA_REJECT_BUDGET,
+    STAGES,
+    CycleConfig,
+    StageName,
+    load_config,
+)
 from fire_mpo_core.store import is_finished
 from fire_mpo_core.training.config import ReferenceConfig
 from flows.cli import check_store, cycle_parser
@@ -123,8 +129,11 @@ class _Runner:
                     f"selected nor in the store for this config: {self.hint}"
                 )
             return None
-        if self.cfg.max_reject_fraction is not None:  # only when set: default keys unchanged
-            config = {**config, "max_reject_fraction": self.cfg.max_reject_fraction}
+        budget = self.cfg.max_reject_fraction
+        if budget is None and stage == "prepare" and self.cfg.data.path is not None:
+            budget = REAL_DATA_REJECT_BUDGET  # real folders: most images missing is an error
+        if budget is not None:  # only when set: default keys unchanged
+            config = {**config, "max_reject_fraction": budget}
         call = StageCall(
             store=self.cfg.store,
             run=self.cfg.run,

@@ -20,7 +20,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fire_mpo_core.config import StageName
 from fire_mpo_core.openai_client import set_secret_resolver
 from fire_mpo_core.store import (
+    DATA,
     REJECTS,
     ArtifactStore,
     StageResult,
@@ -140,6 +141,7 @@ def stage_task(
             max_reject_fraction=call.config.get("max_reject_fraction"),
         )
         publish_summary(call, res)
+        warn_rejects(call, res)
         return str(res.path)
 
     run.__name__ = f"stage_{stage}"
@@ -189,6 +191,21 @@ def publish_summary(call: StageCall, res: StageResult) -> None:
         rows,
         key=artifact_key(f"{call.run}-r{call.round}-{call.stage}"),
         description=f"Stage `{call.stage}` of run `{call.run}`, round {call.round}",
+    )
+
+
+def warn_rejects(call: StageCall, res: StageResult) -> None:
+    """One warning line whenever a stage rejected anything: counts, top reasons, where."""
+    reasons = rejects_by_reason(res.path / REJECTS)
+    n = sum(reasons.values())
+    if not n:
+        return
+    data = res.path / DATA
+    kept = sum(1 for ln in data.open("rb") if ln.strip()) if data.is_file() else 0
+    top = "; ".join(f"{k} x {why}" for why, k in reasons.most_common(3))
+    get_run_logger().warning(
+        f"{call.stage}-r{call.round}: {n} of {n + kept} records rejected ({n / (n + kept):.0%})"
+        f"{' (cached)' if res.cached else ''}: {top}; see {res.path / REJECTS}"
     )
 
 

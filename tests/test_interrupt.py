@@ -87,6 +87,17 @@ def _db(home: Path, sql: str) -> list[tuple]:
         con.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _flow_begun(log: Path) -> bool:
     return "Beginning flow run" in log.read_text(errors="replace")
 
@@ -133,7 +144,10 @@ def test_ctrl_c_cancels_and_a_killed_run_is_reclaimed(tmp_path):
     begun = _wait_for(lambda: _flow_begun(log2), 240, "run 2 to begin")
     to_sft_2 = _wait_for(lambda: _sft_working(store), 120, "run 2 to start SFT") - begun
     time.sleep(2)
-    os.killpg(second.pid, signal.SIGKILL)
+    # The command's own process group (flows/cli.py runs it in a session of its own): the
+    # flow process and its temporary API, as the forced second Ctrl-C kills them.
+    child = int(subprocess.check_output(["pgrep", "-P", str(second.pid)]).split()[0])
+    os.killpg(child, signal.SIGKILL)
     second.wait(timeout=30)
     states = dict(
         _db(home, "select name, state_type from flow_run where state_type != 'CANCELLED'")
@@ -227,6 +241,24 @@ def test_second_ctrl_c_forces(tmp_path):
     assert sup.wait(timeout=10) == 130
     err = sup.stderr.read()
     assert "Ctrl-C again to force" in err and "Forced" in err
+
+    # `kill -9` of the supervisor itself: the child is told (SIGTERM), not left running.
+    sup = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from flows.cli import supervise; supervise(['-c', "
+            "'import time; print(\"ready\", flush=True); time.sleep(60)'])",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sup.stdout.readline().strip() == "ready"
+    child = int(subprocess.check_output(["pgrep", "-P", str(sup.pid)]).split()[0])
+    sup.kill()
+    sup.wait()
+    _wait_for(lambda: not _alive(child), 10, "the orphaned child to stop")
 
 
 def test_process_is_gone_only_for_a_dead_pid_of_this_host():

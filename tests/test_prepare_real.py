@@ -134,3 +134,57 @@ def test_jsonl_bom_empty_images_backslashes_and_one_reject_per_record(tmp_path):
         "Windows-style backslashes" in by_id["win"]
         and "'img/ok.png' (that file exists)" in by_id["win"]
     )
+
+
+def _folder_with_missing_images(root: Path, n_ok: int, n_missing: int) -> Path:
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n_ok + n_missing):
+        if i < n_ok:
+            Image.new("RGB", (16, 16), (i * 9 % 255, 60, 90)).save(root / "img" / f"{i}.png")
+        split = "test" if i % 4 == 0 else "train"
+        rows.append(
+            {
+                "id": f"r{i}",
+                "split": split,
+                "image": f"img/{i}.png",
+                "question": "q?",
+                "answer": "yes",
+            }
+        )
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_real_dataset_reject_budget_and_warning(prefect_harness, tmp_path, caplog):
+    """Most images missing fails `prepare` with the reasons and first ids; a few rejects pass
+    with one warning line that counts them."""
+    from fire_mpo_core.store import TooManyRejects
+    from flows.full_cycle import fire_mpo
+    from tests.test_flow import SMALL
+
+    def config(ds: Path, name: str) -> str:
+        cfg = {
+            **SMALL,
+            "store": str(tmp_path / name),
+            "data": {"dataset": "jsonl", "path": str(ds)},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    mostly_missing = _folder_with_missing_images(tmp_path / "bad", n_ok=3, n_missing=21)
+    with pytest.raises(TooManyRejects) as e:
+        fire_mpo(config=config(mostly_missing, "s1"), stages=["prepare"])
+    msg = str(e.value)
+    assert "21 of 24 records rejected (87.5% > max_reject_fraction 50.0%)" in msg
+    assert "21 x image file not found" in msg and "first ids: r3, r4, r5" in msg
+
+    few_missing = _folder_with_missing_images(tmp_path / "ok", n_ok=20, n_missing=2)
+    with caplog.at_level("WARNING"):
+        fire_mpo(config=config(few_missing, "s2"), stages=["prepare"])
+    lines = [r.getMessage() for r in caplog.records if "records rejected" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("prepare-r0: 2 of 22 records rejected (9%)")
+    assert "2 x image file not found" in lines[0]
