@@ -12,6 +12,7 @@ or unfinished, the stale cache record is forgotten first, so deleting an artifac
 
 from __future__ import annotations
 
+import errno
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from fire_mpo_core.store import (
     ArtifactStore,
     StageResult,
     StageWriter,
+    TooManyRejects,
     code_version,
     is_finished,
     stage_key,
@@ -110,6 +112,16 @@ class StageCachePolicy(CachePolicy):
 Body = Callable[[StageCall, StageWriter], dict[str, Any] | None]
 
 
+def worth_retrying(_task: Any, _run: Any, state: Any) -> bool:
+    """Prefect's `retry_condition_fn`: a retry only where it can help. Too many rejects, or a
+    store that is not a writable folder, fail the same way again (they cost a 38 s retry and a
+    second traceback)."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if isinstance(exc, TooManyRejects | NotADirectoryError | PermissionError):
+        return False
+    return not (isinstance(exc, OSError) and exc.errno == errno.EROFS)
+
+
 def stage_task(
     stage: StageName,
     body: Body,
@@ -156,6 +168,7 @@ def stage_task(
         result_serializer="json",
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
+        retry_condition_fn=worth_retrying,
         tags=list(tags),
     )
 

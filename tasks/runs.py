@@ -124,8 +124,13 @@ def reclaim(tag: str = COMPUTE, log: Any = None) -> dict[str, int]:
         for run in runs:
             if process_is_gone(run.infrastructure_pid):
                 dead.add(run.id)
-                _crash(client, run.id, f"its process {run.infrastructure_pid} is gone (killed)")
-                say(f"Flow run {run.name!r} ({run.id}), left Running by a killed process: Crashed")
+                why = f"its process {run.infrastructure_pid} is gone (killed)"
+                # The server frees the concurrency slots of a task run that turns Crashed.
+                names = ", ".join(repr(n) for n in _crash(client, run.id, why)) or "none"
+                say(
+                    f"Flow run {run.name!r} ({run.id}), left Running by a killed process: "
+                    f"Crashed, with its unfinished task runs ({names}), freeing their slots"
+                )
                 out["crashed"] += 1
         try:
             limit = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
@@ -183,10 +188,12 @@ def _holder_name(client: Any, holder: Any) -> str:
         return str(holder.id)
 
 
-def _crash(client: Any, flow_run_id: UUID, why: str) -> None:
+def _crash(client: Any, flow_run_id: UUID, why: str) -> list[str]:
+    """Mark a dead flow run and its unfinished task runs Crashed; returns those task runs."""
     client.set_flow_run_state(
         flow_run_id, Crashed(message=f"Marked at a later start: {why}."), force=True
     )
+    crashed: list[str] = []
     for tr in client.read_task_runs(
         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
     ):
@@ -194,6 +201,8 @@ def _crash(client: Any, flow_run_id: UUID, why: str) -> None:
             client.set_task_run_state(
                 tr.id, Crashed(message="Its flow run's process is gone."), force=True
             )
+            crashed.append(tr.name)
+    return crashed
 
 
 def mark_cancelled(flow_run_id: UUID, why: str = "Interrupted (Ctrl-C)") -> None:

@@ -163,8 +163,7 @@ def test_ctrl_c_cancels_and_a_killed_run_is_reclaimed(tmp_path):
     to_sft_3 = _wait_for(lambda: _sft_working(store, left), 60, "run 3 to start SFT") - begun
     assert third.wait(timeout=300) == 0, log3.read_text()[-3000:]
     text = log3.read_text()
-    assert "left Running by a killed process: Crashed" in text
-    assert re.search(r"Released the 'compute' slot held by task run 'sft-r0'", text), text[-3000:]
+    assert re.search(r"left Running by a killed process: Crashed, .*'sft-r0'.* freeing", text), text
     rows = _db(home, "select name, state_type from flow_run")
     assert sorted(s for _, s in rows) == ["CANCELLED", "COMPLETED", "CRASHED"]
     assert _db(home, "select active_slots from concurrency_limit_v2") == [(0,)]
