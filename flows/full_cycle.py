@@ -55,7 +55,7 @@ from fire_mpo_core.training.config import ReferenceConfig
 from flows.cli import check_store, cycle_parser
 from flows.remote import run_remote, store_id
 from tasks import runs
-from tasks.common import StageCall, bind
+from tasks.common import StageCall, bind, publish_cached_summary
 from tasks.corrupt import corrupt
 from tasks.dashboard import dashboard
 from tasks.evaluate import evaluate
@@ -175,7 +175,11 @@ class _Runner:
                 note = runs.explain_wait()
                 if note:
                     get_run_logger().warning(f"{stage}-r{round_}: {note}")
-            return bind(task, self.cfg.store)(call)
+            state = bind(task, self.cfg.store)(call, return_state=True)
+            path = state.result()
+            if state.name == "Cached":  # the task function did not run: table from here
+                publish_cached_summary(call, path)
+            return path
         return str(out) if is_finished(out) else None
 
 

@@ -43,6 +43,7 @@ from fire_mpo_core.store import (
     TooManyRejects,
     code_version,
     is_finished,
+    read_manifest,
     stage_key,
 )
 
@@ -189,7 +190,9 @@ def bind(t: Task[[StageCall], str], store: Path) -> Task[[StageCall], str]:
 def publish_summary(call: StageCall, res: StageResult) -> None:
     """A per-stage table on the dashboard: counts, rejects by reason, time, cache hit."""
     m = res.manifest
-    rows = [{"metric": k, "value": v} for k, v in sorted(m.get("counts", {}).items())]
+    # A body's own "seconds" (e.g. SFT's training time) would repeat the stage's row below.
+    counts = {k: v for k, v in m.get("counts", {}).items() if k != "seconds"}
+    rows = [{"metric": k, "value": v} for k, v in sorted(counts.items())]
     rows += [
         {"metric": f"rejects: {reason}", "value": n}
         for reason, n in rejects_by_reason(res.path / REJECTS).most_common(10)
@@ -205,6 +208,13 @@ def publish_summary(call: StageCall, res: StageResult) -> None:
         key=artifact_key(f"{call.run}-r{call.round}-{call.stage}"),
         description=f"Stage `{call.stage}` of run `{call.run}`, round {call.round}",
     )
+
+
+def publish_cached_summary(call: StageCall, path: str) -> None:
+    """The stage table for a stage Prefect served from its cache (its function did not run,
+    so it published nothing): the same table, from the finished folder's manifest."""
+    m = read_manifest(Path(path))
+    publish_summary(call, StageResult(Path(path), m["key"], True, m))
 
 
 def warn_rejects(call: StageCall, res: StageResult) -> None:
