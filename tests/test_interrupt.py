@@ -270,3 +270,28 @@ def test_process_is_gone_only_for_a_dead_pid_of_this_host():
     assert process_is_gone(f"{host}:{dead.pid}")
     assert not process_is_gone(f"another-host:{dead.pid}")  # cannot tell: left alone
     assert not process_is_gone(None) and not process_is_gone("worker-123")
+
+
+def test_a_wait_for_the_slot_names_its_holder(prefect_harness):
+    """While a task holds the only slot of its tag, the message a waiter logs names it."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+
+    from tasks.runs import explain_wait
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="slot-test", concurrency_limit=1)
+
+    @task(name="holder", task_run_name="holder-r0", tags=["slot-test"])
+    def holder() -> str | None:
+        return explain_wait("slot-test")
+
+    @flow(name="slot-test-flow", flow_run_name="the-holding-run")
+    def run() -> str | None:
+        return holder()
+
+    assert explain_wait("slot-test") is None  # free
+    note = run()
+    assert note is not None and "waiting for a 'slot-test' slot (1 of 1 in use)" in note
+    assert "task run 'holder-r0' of flow run 'the-holding-run'" in note
+    assert explain_wait("slot-test") is None  # released when the task finished
