@@ -113,14 +113,21 @@ class StageCachePolicy(CachePolicy):
 Body = Callable[[StageCall, StageWriter], dict[str, Any] | None]
 
 
-def worth_retrying(_task: Any, _run: Any, state: Any) -> bool:
-    """Prefect's `retry_condition_fn`: a retry only where it can help. Too many rejects, or a
-    store that is not a writable folder, fail the same way again (they cost a 38 s retry and a
-    second traceback)."""
-    exc = state.data if isinstance(state.data, BaseException) else None
-    if isinstance(exc, TooManyRejects | NotADirectoryError | PermissionError):
-        return False
-    return not (isinstance(exc, OSError) and exc.errno == errno.EROFS)
+def retry_condition(resumable: bool) -> Callable[[Any, Any, Any], bool]:
+    """Prefect's `retry_condition_fn`: a retry only where it can help. A store that is not a
+    writable folder fails the same way again, and so do too many rejects in a stage that
+    recomputes from scratch (they cost a 38 s retry and a second traceback). A resumable,
+    endpoint-facing stage retries its rejects: the retry asks again only for what failed."""
+
+    def worth_retrying(_task: Any, _run: Any, state: Any) -> bool:
+        exc = state.data if isinstance(state.data, BaseException) else None
+        if isinstance(exc, NotADirectoryError | PermissionError):
+            return False
+        if isinstance(exc, TooManyRejects):
+            return resumable
+        return not (isinstance(exc, OSError) and exc.errno == errno.EROFS)
+
+    return worth_retrying
 
 
 def stage_task(
@@ -169,7 +176,7 @@ def stage_task(
         result_serializer="json",
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
-        retry_condition_fn=worth_retrying,
+        retry_condition_fn=retry_condition(resumable),
         tags=list(tags),
     )
 
