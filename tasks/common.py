@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
 from prefect.tasks import Task
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -233,7 +235,11 @@ def warn_rejects(call: StageCall, res: StageResult) -> None:
     data = res.path / DATA
     kept = sum(1 for ln in data.open("rb") if ln.strip()) if data.is_file() else 0
     top = "; ".join(f"{k} x {why}" for why, k in reasons.most_common(3))
-    get_run_logger().warning(
+    try:
+        log = get_run_logger()
+    except MissingContextError:  # the body called directly (tests, scripts): plain logging
+        log = logging.getLogger(f"fire_mpo.{call.stage}")
+    log.warning(
         f"{call.stage}-r{call.round}: {n} of {n + kept} records rejected ({n / (n + kept):.0%})"
         f"{' (cached)' if res.cached else ''}: {top}; see {res.path / REJECTS}"
     )

@@ -430,6 +430,8 @@ def _readme_serving_block() -> list[str]:
 def test_readme_serving_commands_in_a_fresh_shell(served):
     """The README's serving commands, pasted in order into a new shell that knows nothing (no
     venv on PATH, no PREFECT_* variables): `source .prefect/serve.env` must be enough."""
+    if "full-cycle, first run" not in served.runs:  # stage-evaluate needs a cycle's outputs
+        served.deploy_run("fire-mpo/full-cycle", label="full-cycle, first run")
     lines = _readme_serving_block()
     assert lines[:2] == ["make serve", "source .prefect/serve.env"] and lines[-1] == "make stop"
     script = ["set -euo pipefail"]
