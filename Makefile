@@ -38,7 +38,7 @@ run: install ## run the full cycle on $(CONFIG) with Prefect's ephemeral API
 test: install ## run the fast test suite
 	$(BIN)/python -m pytest -q
 
-test-all: install ## run every test, slow ones included
+test-all: $(VENV)/.installed-bench ## run every test, slow ones included (TRL too: DPOTrainer on our export)
 	$(BIN)/python -m pytest -q -m ""
 
 lint: install ## ruff check + format check

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -60,18 +62,71 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+#: Outputs that are not results. They differ between two runs of the same computation (times,
+#: host names, write order of logs), so they stay out of the content digest: a rerun that
+#: reproduces the same result must leave every key downstream unchanged. Folders by name, at
+#: any depth; files by glob; and in .json / .jsonl files, keys named like a duration or a
+#: clock time; in .md files, lines that report one.
+VOLATILE_DIRS = frozenset({"tensorboard"})
+VOLATILE_FILES = ("events.out.tfevents.*", "*.log", "timings.json")
+_TIMINGS = r"(seconds|elapsed|per_second|per_s|started_at|finished_at)"
+_TIMING_KEY = re.compile(rf"(^|_){_TIMINGS}$")
+_HAS_TIMING_KEY = re.compile(rf'"(\w+_)?{_TIMINGS}"\s*:'.encode())
+_TIMING_LINE = re.compile(rb"^.*(seconds|per_second|per_s\b).*$", re.M)
+
+
+def is_volatile(rel: str) -> bool:
+    """Whether the output file at relative path `rel` is a log or timing, not a result."""
+    *dirs, name = rel.split("/")
+    return any(d in VOLATILE_DIRS for d in dirs) or any(
+        fnmatch.fnmatchcase(name, pat) for pat in VOLATILE_FILES
+    )
+
+
+def _drop_timings(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_timings(v) for k, v in obj.items() if not _TIMING_KEY.search(str(k))}
+    if isinstance(obj, list):
+        return [_drop_timings(v) for v in obj]
+    return obj
+
+
+def _result_bytes(rel: str, data: bytes) -> bytes:
+    """The bytes of a file as far as its results go: timing keys and lines taken out."""
+    if rel.endswith((".json", ".jsonl")) and _HAS_TIMING_KEY.search(data):
+        try:
+            if rel.endswith(".json"):
+                return canonical_json(_drop_timings(json.loads(data))).encode()
+            return b"\n".join(
+                canonical_json(_drop_timings(json.loads(ln))).encode()
+                for ln in data.splitlines()
+                if ln.strip()
+            )
+        except ValueError:  # not JSON after all: its bytes as they are
+            return data
+    if rel.endswith(".md"):
+        return _TIMING_LINE.sub(b"", data)
+    return data
+
+
 def digest_files(root: Path, exclude: Iterable[str] = (MANIFEST,)) -> str:
-    """sha256 over every file below `root` (relative path + bytes), in sorted order."""
+    """sha256 over the results below `root` (relative path + bytes), in sorted order.
+
+    Logs and timings (:func:`is_volatile`, timing keys and lines) are left out; see above.
+    """
     h = hashlib.sha256()
     skip = set(exclude)
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if not p.is_file() or rel in skip:
+        if not p.is_file() or rel in skip or is_volatile(rel):
             continue
         h.update(rel.encode() + b"\0")
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        if rel.endswith((".json", ".jsonl", ".md")):
+            h.update(_result_bytes(rel, p.read_bytes()))
+        else:
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()
 

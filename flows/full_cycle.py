@@ -18,10 +18,24 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any
 
+if __name__ == "__main__" and not os.environ.get("FIRE_MPO_SUPERVISED"):
+    # In a terminal: the config and store checks and the Ctrl-C supervisor (flows/cli.py), in
+    # about a second, before the imports below (~15 s) start.
+    from flows.cli import cycle_entry
+
+    sys.exit(cycle_entry(sys.argv[1:]))
+
 # A loaded 2-core machine can take longer than Prefect's default 20 s to start the temporary API.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-load bars drown the stage logs
+# Concurrency leases on disk (PREFECT_HOME/concurrency_leases), not in the API process's memory:
+# a killed run's lease then outlives its temporary API and the next start can reclaim it
+# (tasks/runs.py). `make serve` starts its server with the same setting.
+os.environ.setdefault(
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
+    "prefect.server.concurrency.lease_storage.filesystem",
+)
 if os.environ.get("PREFECT_HOME"):  # Prefect creates only the last level; its DB then fails
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
@@ -29,11 +43,19 @@ from prefect import flow, get_run_logger
 from prefect.tasks import Task
 from pydantic import Field
 
-from fire_mpo_core.config import STAGES, CycleConfig, StageName, load_config
+from fire_mpo_core.config import (
+    REAL_DATA_REJECT_BUDGET,
+    STAGES,
+    CycleConfig,
+    StageName,
+    load_config,
+)
 from fire_mpo_core.store import is_finished
 from fire_mpo_core.training.config import ReferenceConfig
+from flows.cli import check_store, cycle_parser
 from flows.remote import run_remote, store_id
-from tasks.common import StageCall, bind
+from tasks import runs
+from tasks.common import StageCall, bind, publish_cached_summary
 from tasks.corrupt import corrupt
 from tasks.dashboard import dashboard
 from tasks.evaluate import evaluate
@@ -107,8 +129,11 @@ class _Runner:
                     f"selected nor in the store for this config: {self.hint}"
                 )
             return None
-        if self.cfg.max_reject_fraction is not None:  # only when set: default keys unchanged
-            config = {**config, "max_reject_fraction": self.cfg.max_reject_fraction}
+        budget = self.cfg.max_reject_fraction
+        if budget is None and stage == "prepare" and self.cfg.data.path is not None:
+            budget = REAL_DATA_REJECT_BUDGET  # real folders: most images missing is an error
+        if budget is not None:  # only when set: default keys unchanged
+            config = {**config, "max_reject_fraction": budget}
         call = StageCall(
             store=self.cfg.store,
             run=self.cfg.run,
@@ -146,8 +171,25 @@ class _Runner:
                 )
             return str(out)
         if selected:
-            return bind(task, self.cfg.store)(call)
+            if runs.COMPUTE in task.tags:  # Prefect waits for the slot silently: say who has it
+                note = runs.explain_wait()
+                if note:
+                    get_run_logger().warning(f"{stage}-r{round_}: {note}")
+            state = bind(task, self.cfg.store)(call, return_state=True)
+            path = state.result()
+            if state.name == "Cached":  # the task function did not run: table from here
+                publish_cached_summary(call, path)
+            return path
         return str(out) if is_finished(out) else None
+
+
+def start_run() -> None:
+    """At every flow start: record this process on the flow run, and reclaim what killed runs
+    left behind (their "Running" state, their `compute` slot; tasks/runs.py)."""
+    from prefect.runtime import flow_run
+
+    runs.claim(flow_run.id)
+    runs.reclaim(log=get_run_logger())
 
 
 def load_cycle_config(
@@ -263,6 +305,7 @@ def fire_mpo(
     """prepare -> sft -> evaluate, then per round k: sample (from round k-1's policy) -> judge
     -> corrupt -> reference -> train -> evaluate. Returns the last metrics.json path."""
     cfg = load_cycle_config(config, rounds, stages, store, run)
+    start_run()
     runner = _Runner(cfg, refresh, config_path=config)
     evaluation = run_cycle(cfg, runner)
     publish_dashboard(cfg, runner)
@@ -270,15 +313,7 @@ def fire_mpo(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m flows.full_cycle", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--config", default="configs/default.yaml", help="YAML cycle config")
-    p.add_argument("--rounds", type=int, help="override `rounds`")
-    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
-    p.add_argument("--store", help="override the artifact store folder")
-    p.add_argument("--run", help="override the run name")
-    p.add_argument("--refresh", action="store_true", help="recompute even cached stages")
+    p = cycle_parser()
     args = p.parse_args(argv)
     if args.stages:
         names = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -292,18 +327,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        load_config(args.config)  # fail fast, before any Prefect machinery starts
+        cfg = load_config(args.config)  # fail fast, before any Prefect machinery starts
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    metrics = fire_mpo(
-        config=args.config,
-        rounds=args.rounds,
-        stages=args.stages,
-        store=args.store,
-        run=args.run,
-        refresh=args.refresh,
-    )
+    err = check_store(Path(args.store) if args.store else cfg.store)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        metrics = fire_mpo(
+            config=args.config,
+            rounds=args.rounds,
+            stages=args.stages,
+            store=args.store,
+            run=args.run,
+            refresh=args.refresh,
+        )
+    except KeyboardInterrupt:
+        # Prefect records an interrupt as Crashed; a user's Ctrl-C is a cancellation. The API is
+        # still up (flows/cli.py kept the signal from it), so the states and the slot release
+        # reach it. A partial stage folder stays for the rerun to resume or redo.
+        if runs.claimed is not None:
+            runs.mark_cancelled(runs.claimed)
+        print("\nCancelled (Ctrl-C). A rerun resumes from the finished stages.", file=sys.stderr)
+        return 130
     if metrics:
         print(f"\nReport:  {Path(metrics).parent / 'report.md'}\nMetrics: {metrics}")
     return 0

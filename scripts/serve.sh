@@ -26,6 +26,9 @@ PORT=${PREFECT_SERVER_API_PORT:-4200}
 URL="http://$HOST:$PORT"
 POOL=fire-mpo
 LIMIT=${FIRE_MPO_WORKER_LIMIT:-1}
+# Concurrency leases on disk, shared with `make run`'s temporary API (same PREFECT_HOME), so a
+# slot held by a killed run can be found and freed at the next start (tasks/runs.py).
+export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=${PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE:-prefect.server.concurrency.lease_storage.filesystem}
 # Poll the local API every 2 s (Prefect: 10 s): a submitted run starts sooner, at no real cost.
 export PREFECT_WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-2}
 TIMEOUT=${FIRE_MPO_SERVE_TIMEOUT:-180}
@@ -75,7 +78,13 @@ else
     echo "Server healthy after $((SECONDS - t0))s"
 fi
 export PREFECT_API_URL="$URL/api"
-echo "export PREFECT_API_URL=$PREFECT_API_URL" >"$STATE/serve.env"
+# What a new shell needs for the README's `prefect ...` commands: the API, this home, and the
+# venv's `prefect` on PATH (without it: "prefect: command not found").
+cat >"$STATE/serve.env" <<ENV
+export PREFECT_API_URL=$PREFECT_API_URL
+export PREFECT_HOME=$STATE
+export PATH="$(cd "$BIN" && pwd):\$PATH"
+ENV
 
 # ---------------------------------------------------------------- pools + deployments
 "$BIN/python" -m deployments.register
@@ -109,7 +118,8 @@ cat <<EOF
 
 FiRe-MPO is served.
   Dashboard:  $URL
-  API:        export PREFECT_API_URL=$PREFECT_API_URL      (or: source $STATE/serve.env)
+  First, in each new shell:   source $STATE/serve.env
+              (sets PREFECT_API_URL=$PREFECT_API_URL and puts $BIN on PATH)
   Run:        prefect deployment run fire-mpo/full-cycle --watch
               prefect deployment run fire-mpo/full-cycle -p config=configs/default.yaml -p rounds=2
               prefect deployment run fire-mpo/stage-evaluate --watch     (one stage, inputs from the store)

@@ -12,7 +12,9 @@ or unfinished, the stale cache record is forgotten first, so deleting an artifac
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -28,18 +30,22 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
 from prefect.tasks import Task
 from pydantic import BaseModel, ConfigDict, Field
 
 from fire_mpo_core.config import StageName
 from fire_mpo_core.openai_client import set_secret_resolver
 from fire_mpo_core.store import (
+    DATA,
     REJECTS,
     ArtifactStore,
     StageResult,
     StageWriter,
+    TooManyRejects,
     code_version,
     is_finished,
+    read_manifest,
     stage_key,
 )
 
@@ -109,6 +115,23 @@ class StageCachePolicy(CachePolicy):
 Body = Callable[[StageCall, StageWriter], dict[str, Any] | None]
 
 
+def retry_condition(resumable: bool) -> Callable[[Any, Any, Any], bool]:
+    """Prefect's `retry_condition_fn`: a retry only where it can help. A store that is not a
+    writable folder fails the same way again, and so do too many rejects in a stage that
+    recomputes from scratch (they cost a 38 s retry and a second traceback). A resumable,
+    endpoint-facing stage retries its rejects: the retry asks again only for what failed."""
+
+    def worth_retrying(_task: Any, _run: Any, state: Any) -> bool:
+        exc = state.data if isinstance(state.data, BaseException) else None
+        if isinstance(exc, NotADirectoryError | PermissionError):
+            return False
+        if isinstance(exc, TooManyRejects):
+            return resumable
+        return not (isinstance(exc, OSError) and exc.errno == errno.EROFS)
+
+    return worth_retrying
+
+
 def stage_task(
     stage: StageName,
     body: Body,
@@ -140,6 +163,7 @@ def stage_task(
             max_reject_fraction=call.config.get("max_reject_fraction"),
         )
         publish_summary(call, res)
+        warn_rejects(call, res)
         return str(res.path)
 
     run.__name__ = f"stage_{stage}"
@@ -154,6 +178,7 @@ def stage_task(
         result_serializer="json",
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
+        retry_condition_fn=retry_condition(resumable),
         tags=list(tags),
     )
 
@@ -174,7 +199,9 @@ def bind(t: Task[[StageCall], str], store: Path) -> Task[[StageCall], str]:
 def publish_summary(call: StageCall, res: StageResult) -> None:
     """A per-stage table on the dashboard: counts, rejects by reason, time, cache hit."""
     m = res.manifest
-    rows = [{"metric": k, "value": v} for k, v in sorted(m.get("counts", {}).items())]
+    # A body's own "seconds" (e.g. SFT's training time) would repeat the stage's row below.
+    counts = {k: v for k, v in m.get("counts", {}).items() if k != "seconds"}
+    rows = [{"metric": k, "value": v} for k, v in sorted(counts.items())]
     rows += [
         {"metric": f"rejects: {reason}", "value": n}
         for reason, n in rejects_by_reason(res.path / REJECTS).most_common(10)
@@ -189,6 +216,32 @@ def publish_summary(call: StageCall, res: StageResult) -> None:
         rows,
         key=artifact_key(f"{call.run}-r{call.round}-{call.stage}"),
         description=f"Stage `{call.stage}` of run `{call.run}`, round {call.round}",
+    )
+
+
+def publish_cached_summary(call: StageCall, path: str) -> None:
+    """The stage table for a stage Prefect served from its cache (its function did not run,
+    so it published nothing): the same table, from the finished folder's manifest."""
+    m = read_manifest(Path(path))
+    publish_summary(call, StageResult(Path(path), m["key"], True, m))
+
+
+def warn_rejects(call: StageCall, res: StageResult) -> None:
+    """One warning line whenever a stage rejected anything: counts, top reasons, where."""
+    reasons = rejects_by_reason(res.path / REJECTS)
+    n = sum(reasons.values())
+    if not n:
+        return
+    data = res.path / DATA
+    kept = sum(1 for ln in data.open("rb") if ln.strip()) if data.is_file() else 0
+    top = "; ".join(f"{k} x {why}" for why, k in reasons.most_common(3))
+    try:
+        log = get_run_logger()
+    except MissingContextError:  # the body called directly (tests, scripts): plain logging
+        log = logging.getLogger(f"fire_mpo.{call.stage}")
+    log.warning(
+        f"{call.stage}-r{call.round}: {n} of {n + kept} records rejected ({n / (n + kept):.0%})"
+        f"{' (cached)' if res.cached else ''}: {top}; see {res.path / REJECTS}"
     )
 
 

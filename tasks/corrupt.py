@@ -5,7 +5,7 @@ is corrupted once, deterministically, into `images/<id>.png`; output `data.jsonl
 with `corrupted_image` set (relative to this folder), `quality.jsonl` the per-image checks
 (changed fraction inside / outside the mask, SSIM inside, and the lesion evidence that
 remains in v': `evidence_remaining`, `evidence_removed`), and `hf_dataset/` the pairs in TRL's
-vision preference columns plus our span columns.
+conversational vision format (`trl.DPOTrainer` trains on it as it is) plus our span columns.
 
 With `corrupt.shards: N > 1` the distinct images are split into N contiguous shards corrupted by
 parallel `corrupt-shard` tasks (:mod:`tasks.shards`: threads, or Dask workers that share the

@@ -420,6 +420,43 @@ def test_served_dashboard_in_headless_chromium(served, tmp_path):
     assert out.returncode == 0 and shot.stat().st_size > 10_000, out.stderr[-2000:]
 
 
+def _readme_serving_block() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Serving", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [ln.split("  #", 1)[0].strip() for ln in block.splitlines() if ln.strip()]
+
+
+@pytest.mark.slow
+def test_readme_serving_commands_in_a_fresh_shell(served):
+    """The README's serving commands, pasted in order into a new shell that knows nothing (no
+    venv on PATH, no PREFECT_* variables): `source .prefect/serve.env` must be enough."""
+    if "full-cycle, first run" not in served.runs:  # stage-evaluate needs a cycle's outputs
+        served.deploy_run("fire-mpo/full-cycle", label="full-cycle, first run")
+    lines = _readme_serving_block()
+    assert lines[:2] == ["make serve", "source .prefect/serve.env"] and lines[-1] == "make stop"
+    script = ["set -euo pipefail"]
+    for ln in lines[1:-1]:  # `make serve` / `make stop`: the fixture runs them, the same way
+        if "<SCHEDULE_ID>" in ln:  # a placeholder the user fills in from `schedule ls`
+            continue
+        ln = ln.replace(".prefect/serve.env", str(served.home / "serve.env"))
+        if "deployment run" in ln:
+            if "--watch" not in ln or "full-cycle" in ln or "next-round" in ln:
+                continue  # full cycles at the default size: test_served_full_cycle runs them
+            ln += f" -p config={served.cfg}"  # the small config, not the default's size
+        script.append(ln)
+    assert any("deployment run" in ln for ln in script) and any(
+        "schedule ls" in ln for ln in script
+    )
+    script.insert(2, 'echo "prefect is $(command -v prefect)"')
+    env = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    out, served.timings["README commands"] = _sh(
+        ["bash", "--noprofile", "--norc", "-c", "\n".join(script)], env, 600
+    )
+    assert out.returncode == 0, "\n".join(script) + "\n" + out.stdout + out.stderr
+    assert f"prefect is {served.bin / 'prefect'}" in out.stdout
+    assert "Flow run finished successfully in 'Completed'" in out.stdout
+
+
 @pytest.mark.slow
 def test_make_stop_stops_worker_then_server(served):
     stopped, served.timings["make stop"] = _sh([*served.make, "stop"], served.env, 120)

@@ -67,6 +67,22 @@ def _artifact(key: str) -> str:
     return found.data
 
 
+def _run_artifacts(flow_run_id) -> dict[str, list[dict]]:
+    """Table artifacts created by one flow run (or its task runs), by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    out = {}
+    for a in arts:
+        if a.type == "table":
+            out[a.key] = json.loads(a.data) if isinstance(a.data, str) else a.data
+    return out
+
+
 def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     state = fire_mpo(config=str(small_config), return_state=True)
     assert state.is_completed()
@@ -94,6 +110,13 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     assert Path(again.result()) == metrics_path
     # Every stage Cached; the dashboard report (never cached: it is re-published) Completed.
     assert _task_states(again.state_details.flow_run_id) == CACHED_RUN
+    # The cached run still shows every stage's table, once each with its "seconds" row.
+    tables = _run_artifacts(again.state_details.flow_run_id)
+    stage_keys = {f"t-r0-{s}" for s in ("prepare", "sft", "evaluate")}
+    assert stage_keys | {f"t-r1-{s}" for s in ROUND_STAGES} <= set(tables)
+    sft_rows = tables["t-r0-sft"]
+    assert [r["metric"] for r in sft_rows].count("seconds") == 1
+    assert {"metric": "cache_hit", "value": True} in sft_rows
 
     # Deleting one stage's output reruns it, and only it: its content is rebuilt identically, so
     # the downstream keys are unchanged and stay cached.
@@ -116,6 +139,18 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
         "evaluate-r1",
         "dashboard",
     }
+
+    # Refreshing a deterministic stage rebuilds the same results: its TensorBoard events and
+    # timings differ, but they are not in its content digest, so nothing downstream reruns.
+    train_r1 = Path(read_manifest(Path(fourth.result()).parent)["inputs"]["policy"]["path"])
+    before = read_manifest(train_r1)
+    assert list(train_r1.glob("tensorboard/**/events.out.tfevents.*"))
+    fire_mpo(config=str(small_config), stages=["train"], refresh=True)
+    after = read_manifest(train_r1)
+    assert after["finished_at"] > before["finished_at"]  # recomputed...
+    assert after["content_digest"] == before["content_digest"]  # ... to the same results
+    fifth = fire_mpo(config=str(small_config), return_state=True)
+    assert _task_states(fifth.state_details.flow_run_id) == CACHED_RUN
 
 
 def test_stages_subset_and_missing_inputs(prefect_harness, small_config, tmp_path):

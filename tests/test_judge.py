@@ -689,7 +689,9 @@ def test_export_hf_dataset_roundtrip(tmp_path):
     p1 = pair_of(rec("left", "side"), "The lesion is on the right side.")
     p2 = p1.model_copy(update={"id": "r1#1", "corrupted_image": "a-noise.png"})
     out = tmp_path / "hf"
-    export_hf_dataset([p1, p2], tmp_path / "data", out, corrupt_root=tmp_path / "corrupt")
+    export_hf_dataset(
+        [p1, p2], tmp_path / "data", out, corrupt_root=tmp_path / "corrupt", conversational=False
+    )
     ds = datasets.load_from_disk(str(out))
     assert len(ds) == 2
     assert {
@@ -710,9 +712,10 @@ def test_export_hf_dataset_roundtrip(tmp_path):
     assert np.array_equal(np.asarray(im), img)  # the bytes are in the dataset
     assert np.array_equal(np.asarray(row["corrupted_images"][0]), 255 - img)
     assert ds[0]["corrupted_images"] == []
-    # Conversational format.
-    ds = export_hf_dataset([p1], tmp_path / "data", tmp_path / "hf2", conversational=True)
+    # Conversational format (the default), with the plain texts under their own names.
+    ds = export_hf_dataset([p1], tmp_path / "data", tmp_path / "hf2")
     row = datasets.load_from_disk(str(tmp_path / "hf2"))[0]
+    assert (row["question"], row["chosen_text"]) == ("What is seen?", p1.chosen)
     assert row["prompt"][0]["role"] == "user"
     assert [c["type"] for c in row["prompt"][0]["content"]] == ["image", "text"]
     assert row["chosen"] == [

@@ -98,3 +98,109 @@ def test_prepare_stage_on_a_real_jsonl_dataset(prefect_harness, realdata, tmp_pa
     fire_mpo(config=str(path), stages=["prepare"])
     assert len(list((tmp_path / "store" / "t" / "round-0" / "prepare").glob("[!.]*"))) == 2
     assert Path(out).is_dir()
+
+
+def test_jsonl_bom_empty_images_backslashes_and_one_reject_per_record(tmp_path):
+    """What a hand-made dataset folder brings: a BOM, a 0-byte or broken image, a Windows path,
+    a line that is not JSON. Each bad record is one reject, written once, in `prepare`."""
+    from PIL import Image
+
+    ds = tmp_path / "ds"
+    (ds / "img").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (40, 80, 120)).save(ds / "img" / "ok.png")
+    (ds / "img" / "empty.png").write_bytes(b"")
+    (ds / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    rows = [
+        {"id": "first", "split": "train", "image": "img/ok.png", "question": "q?", "answer": "yes"},
+        {"id": "t1", "split": "test", "image": "img/ok.png", "question": "q?", "answer": "no"},
+        {"id": "zero", "split": "train", "image": "img/empty.png", "question": "q?", "answer": "a"},
+        {"id": "bad", "split": "test", "image": "img/broken.png", "question": "q?", "answer": "a"},
+        {"id": "win", "split": "train", "image": "img\\ok.png", "question": "q?", "answer": "a"},
+    ]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n{not json\n"
+    (ds / "data.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Notepad saves it
+    rejects: list[tuple[str, str]] = []
+    cfg = DataConfig(dataset="jsonl", path=ds)
+    counts = prepare_real_dataset(
+        cfg, tmp_path / "out", on_reject=lambda i, r: rejects.append((i, r))
+    )
+    assert counts["train"] == 1 and counts["test"] == 1  # the BOM did not cost record "first"
+    by_id = dict(rejects)
+    assert sorted(by_id) == ["bad", "data.jsonl:6", "win", "zero"]
+    assert len(rejects) == len(by_id)  # the bad line is in every split's pass, written once
+    assert "empty (0 bytes)" in by_id["zero"]
+    assert "cannot be decoded" in by_id["bad"]
+    assert (
+        "Windows-style backslashes" in by_id["win"]
+        and "'img/ok.png' (that file exists)" in by_id["win"]
+    )
+
+
+def _folder_with_missing_images(root: Path, n_ok: int, n_missing: int) -> Path:
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n_ok + n_missing):
+        if i < n_ok:
+            Image.new("RGB", (16, 16), (i * 9 % 255, 60, 90)).save(root / "img" / f"{i}.png")
+        split = "test" if i % 4 == 0 else "train"
+        rows.append(
+            {
+                "id": f"r{i}",
+                "split": split,
+                "image": f"img/{i}.png",
+                "question": "q?",
+                "answer": "yes",
+            }
+        )
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_real_dataset_reject_budget_and_warning(prefect_harness, tmp_path):
+    """Most images missing fails `prepare` with the reasons and first ids; a few rejects pass
+    with one warning line that counts them."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    keep = Keep()  # Prefect's run loggers (its console handler may write to another stream)
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addHandler(keep)
+    from fire_mpo_core.store import TooManyRejects
+    from flows.full_cycle import fire_mpo
+    from tests.test_flow import SMALL
+
+    def config(ds: Path, name: str) -> str:
+        cfg = {
+            **SMALL,
+            "store": str(tmp_path / name),
+            "data": {"dataset": "jsonl", "path": str(ds)},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    mostly_missing = _folder_with_missing_images(tmp_path / "bad", n_ok=3, n_missing=21)
+    with pytest.raises(TooManyRejects) as e:
+        fire_mpo(config=config(mostly_missing, "s1"), stages=["prepare"])
+    msg = str(e.value)
+    assert "21 of 24 records rejected (87.5% > max_reject_fraction 50.0%)" in msg
+    assert "21 x image file not found" in msg and "first ids: r3, r5, r6" in msg
+    assert not [ln for ln in keep.lines if "Retry" in ln]  # same data, same failure: no retry
+
+    few_missing = _folder_with_missing_images(tmp_path / "ok", n_ok=20, n_missing=2)
+    keep.lines.clear()
+    fire_mpo(config=config(few_missing, "s2"), stages=["prepare"])
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).removeHandler(keep)
+    lines = [ln for ln in keep.lines if "records rejected" in ln]
+    assert len(lines) == 1 and lines[0].startswith("prepare-r0: 2 of 22 records rejected (9%)")
+    assert "2 x image file not found" in lines[0]

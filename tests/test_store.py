@@ -208,3 +208,27 @@ def test_resumable_stage_keeps_partial_work_across_a_crash(tmp_path):
     assert attempts == [0, 2]  # the second attempt found the two rows written before the crash
     assert (res.path / "data.jsonl").read_text().splitlines() == [f"row-{i}" for i in range(4)]
     assert not list(res.path.parent.glob(".partial-*"))
+
+
+def test_digest_covers_results_not_logs_or_timings(tmp_path):
+    """Two runs of one computation differ in event files, logs and timings, never in results."""
+
+    def out(name: str, loss: float, secs: float, host: str) -> Path:
+        d = tmp_path / name
+        (d / "adapter").mkdir(parents=True)
+        (d / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+        (d / "tensorboard").mkdir()
+        (d / "tensorboard" / f"events.out.tfevents.{secs}.{host}").write_bytes(host.encode())
+        (d / "train.log").write_text(f"took {secs}s on {host}\n")
+        (d / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "loss": loss, "pairs_per_s": 1 / secs}) + "\n"
+        )
+        (d / "metrics.json").write_text(
+            json.dumps({"accuracy": loss, "samples_per_second": secs, "seconds": secs}, indent=2)
+        )
+        (d / "report.md").write_text(f"| accuracy | {loss} |\n| seconds | {secs} |\n")
+        return d
+
+    a = digest_files(out("a", 0.5, 1.0, "hostA"))
+    assert a == digest_files(out("b", 0.5, 7.5, "hostB"))
+    assert a != digest_files(out("c", 0.25, 1.0, "hostA"))  # a result differs

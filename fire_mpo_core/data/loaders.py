@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from fire_mpo_core.data.io import resolve_in_root
+from fire_mpo_core.data.io import ImageError, open_image, resolve_in_root
 from fire_mpo_core.data.records import VQARecord
 from fire_mpo_core.judge.converters import (
     _split,
@@ -171,7 +171,7 @@ def _need(root: Path, files: Mapping[str, str], split: str, name: str) -> Path:
 
 
 def _json_list(path: Path) -> list[Any]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM is not data
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -245,7 +245,7 @@ def _iuxray(
     root: Path, split: str, annotation: str | None, reject: Callable[[str, str], None]
 ) -> list[VQARecord]:
     path = _find_annotation(root, annotation)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding="utf-8-sig"))
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected R2Gen's {{split: [records]}} mapping")
     out = []
@@ -310,7 +310,8 @@ def _jsonl(root: Path, split: str, reject: Callable[[str, str], None]) -> list[V
     if not path.is_file():
         raise FileNotFoundError(f"JSONL dataset: neither {per_split} nor {root / 'data.jsonl'}")
     out = []
-    with path.open(encoding="utf-8") as f:
+    # utf-8-sig: a byte order mark (Windows editors, spreadsheet exports) cost the first record.
+    with path.open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -387,8 +388,20 @@ def _check_paths(r: VQARecord, root: Path, check_images: bool) -> str | None:
             p = resolve_in_root(root, rel)
         except ValueError as e:
             return str(e)
-        if check_images and not p.is_file():
-            return f"{what} file not found: {rel}"
+        if not check_images:
+            continue
+        if not p.is_file():
+            hint = ""
+            if "\\" in rel:  # a path written on Windows: the separator is part of the name here
+                fixed = rel.replace("\\", "/")
+                there = " (that file exists)" if (Path(root) / fixed).is_file() else ""
+                hint = f"; it has Windows-style backslashes: write it as {fixed!r}{there}"
+            return f"{what} file not found: {rel}{hint}"
+        if what == "image":  # an empty or broken image: caught here, not in every later stage
+            try:
+                open_image(root, rel)
+            except ImageError as e:
+                return str(e)
     return None
 
 

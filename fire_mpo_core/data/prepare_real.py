@@ -53,6 +53,15 @@ def prepare_real_dataset(
     """
     assert cfg.path is not None and cfg.dataset != "synthlesion"
     out_dir = Path(out_dir)
+    # Every split re-reads a shared annotation file (one data.jsonl for all splits): a line
+    # that does not parse is the same reject in each pass, and is written once.
+    seen: set[tuple[str, str]] = set()
+
+    def reject_once(rid: str, reason: str) -> None:
+        if (rid, reason) not in seen and on_reject is not None:
+            seen.add((rid, reason))
+            on_reject(rid, reason)
+
     records: list[VQARecord] = []
     counts: dict[str, int] = {"splits_missing": 0, "images": 0}
     for split in SPLITS:
@@ -65,7 +74,7 @@ def prepare_real_dataset(
                 annotation=cfg.annotation,
                 export_dir=out_dir / ".export" / split,
                 max_records=cfg.max_records_per_split,
-                on_reject=on_reject,
+                on_reject=reject_once,
             )
         except (ValueError, FileNotFoundError) as e:
             optional = split == "val" and isinstance(e, FileNotFoundError)

@@ -1,19 +1,24 @@
-"""Export preference pairs as a Hugging Face ``datasets`` dataset in TRL's vision DPO layout.
+"""Export preference pairs as a Hugging Face ``datasets`` dataset that TRL trains on as it is.
 
-TRL's ``DPOTrainer`` for vision-language models reads ``images`` (a list of PIL images), ``prompt``,
-``chosen`` and ``rejected``. We add our own columns so the span-level losses can be rebuilt:
-``id``, ``chosen_spans`` / ``rejected_spans`` (``[start, end)`` character offsets), ``verdict``,
-``style``, ``answer_type``, ``record_id`` and ``corrupted_image`` (the relative path from the
-`corrupt` stage, or None)::
+The default is TRL's *conversational vision* preference format, which ``trl.DPOTrainer`` (1.16)
+reads without any ``.map``: ``images`` (a list of images), ``prompt`` = one user turn whose content
+is an image placeholder then the question, ``chosen`` / ``rejected`` = one assistant turn each.
+TRL renders these with the processor's chat template, so the prompt gets the model's own image
+token(s); a bare question string gave "Found total 0 <image> tokens and N images". The plain texts
+are kept as ``question``, ``chosen_text`` and ``rejected_text``. We add our own columns so the
+span-level losses can be rebuilt: ``id``, ``chosen_spans`` / ``rejected_spans`` (``[start, end)``
+character offsets into ``chosen_text`` / ``rejected_text``), ``verdict``, ``style``,
+``answer_type``, ``record_id`` and ``corrupted_image`` (the relative path from the `corrupt`
+stage, or None)::
 
     ds = export_hf_dataset(pairs, image_root=Path("store/.../prepare/<key>"), out_dir=Path("hf"))
     ds = datasets.load_from_disk("hf")
     ds[0]["images"][0]          # PIL.Image.Image
 
 Images are stored *inside* the dataset (their bytes, under the ``datasets.Image`` feature), so the
-exported folder is self-contained. ``conversational=True`` writes TRL's conversational format
-instead of plain strings: ``prompt`` = one user turn with an image placeholder and the question,
-``chosen`` / ``rejected`` = one assistant turn each.
+exported folder is self-contained. ``conversational=False`` writes the older flat layout instead
+(``prompt`` / ``chosen`` / ``rejected`` as plain strings), which TRL only trains on after the
+prompt has been rendered with the model's chat template.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ def _features(conversational: bool, with_corrupted: bool) -> datasets.Features:
         "answer_type": datasets.Value("string"),
         "corrupted_image": datasets.Value("string"),
     }
+    if conversational:  # the plain texts too, under their own names
+        feats |= {k: datasets.Value("string") for k in ("question", "chosen_text", "rejected_text")}
     if with_corrupted:
         feats["corrupted_images"] = datasets.Sequence(datasets.Image())
     return datasets.Features(feats)
@@ -64,7 +71,7 @@ def export_hf_dataset(
     image_root: Path,
     out_dir: Path,
     *,
-    conversational: bool = False,
+    conversational: bool = True,
     corrupt_root: Path | None = None,
 ) -> datasets.Dataset:
     """Write the pairs with ``Dataset.save_to_disk(out_dir)`` and return the dataset.
@@ -74,7 +81,7 @@ def export_hf_dataset(
         image_root: folder the pairs' relative ``image`` paths resolve against (the `prepare`
             stage's dataset root).
         out_dir: target folder (created; ``save_to_disk`` replaces an existing dataset there).
-        conversational: TRL's conversational message format instead of plain strings.
+        conversational: TRL's conversational vision format (default), else plain strings.
         corrupt_root: if given, the folder ``corrupted_image`` paths resolve against; adds a
             ``corrupted_images`` column (one image, or an empty list for pairs without one).
 
@@ -103,6 +110,8 @@ def export_hf_dataset(
                 rows[side].append(
                     [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
                 )
+                rows[f"{side}_text"].append(text)
+            rows["question"].append(p.question)
         else:
             rows["prompt"].append(p.question)
             rows["chosen"].append(p.chosen)
