@@ -74,10 +74,22 @@ def run_cycle_direct(config_path: Path) -> Path:
     import flows.full_cycle as fc
     from tasks.common import StageCall
 
+    # Dashboard calls are no-ops while this runs in the test process, and are put back after
+    # (left patched, they silenced every later flow test's artifacts).
+    patched = []
     for mod in [m for name, m in sys.modules.items() if name.startswith("tasks.")]:
         for attr in dir(mod):
             if attr.endswith("_artifact") and attr.startswith(("create_", "update_")):
+                patched.append((mod, attr, getattr(mod, attr)))
                 setattr(mod, attr, _noop_artifact)
+    try:
+        return _run(fc, StageCall, config_path)
+    finally:
+        for mod, attr, original in patched:
+            setattr(mod, attr, original)
+
+
+def _run(fc, StageCall, config_path: Path) -> Path:
     cfg = fc.load_cycle_config(config_path)
 
     def runner(name, k, config, inputs):
