@@ -52,6 +52,7 @@ from torch import Tensor
 
 from fire_mpo_core.config import EvaluateConfig
 from fire_mpo_core.corruption import corrupt, load_mask
+from fire_mpo_core.corruption.masks import resize_mask
 from fire_mpo_core.corruption.ops import dilate_mask
 from fire_mpo_core.data.io import open_image, resolve_in_root
 from fire_mpo_core.data.records import VQARecord
@@ -74,11 +75,7 @@ def evenly(items: Sequence[Any], n: int) -> list[Any]:
 
 def _mask(root, record: VQARecord, shape: tuple[int, int]) -> np.ndarray:
     """The record's lesion mask as bool HxW at the image's size (nearest resize if needed)."""
-    m = load_mask(resolve_in_root(root, record.mask))
-    if m.shape != shape:
-        m = cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-        m = m.astype(bool)
-    return m
+    return _mask_file(root, record.mask, shape)
 
 
 @torch.no_grad()
@@ -231,10 +228,8 @@ def removed_image(root, image: str, masks: Sequence[str], dilate_px: int, kind: 
 
 
 def _mask_file(root, rel: str, shape: tuple[int, int]) -> np.ndarray:
-    m = load_mask(resolve_in_root(root, rel))
-    if m.shape != shape:
-        m = cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return m.astype(bool)
+    """A mask file under ``root`` as bool HxW at ``shape`` (nearest resize if needed)."""
+    return resize_mask(load_mask(resolve_in_root(root, rel)), shape)
 
 
 def _probe_correct(p: Probe, prediction: str, truth: str) -> bool:

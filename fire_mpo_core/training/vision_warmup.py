@@ -42,6 +42,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from fire_mpo_core.config import VisionWarmupConfig
+from fire_mpo_core.corruption.masks import load_mask
 from fire_mpo_core.data.io import open_image, resolve_in_root
 from fire_mpo_core.data.records import VQARecord
 from fire_mpo_core.data.synthlesion import pretrain_scan
@@ -60,21 +62,27 @@ class _Scan:
     count: int
 
 
+def _scan(rgb: np.ndarray, lesions: list[tuple[np.ndarray, str]], modality: str) -> _Scan:
+    """A scan from its RGB image and (bool mask, intensity) per lesion."""
+    cover = np.zeros(rgb.shape[:2], np.float32)
+    pol = np.full(rgb.shape[:2], 0.5, np.float32)
+    for mask, intensity in lesions:
+        cover[mask] = 1.0
+        pol[mask] = 1.0 if intensity == "hyperdense" else 0.0
+    return _Scan(rgb, cover, pol, _MODALITIES.index(modality), len(lesions))
+
+
 def _load_scans(records: list[VQARecord], image_root: Path) -> list[_Scan]:
-    """One scan per distinct image that has lesion metadata or is known lesion-free."""
+    """One scan per distinct image of a SynthLesion modality (lesion-free scans included)."""
     scans: dict[str, _Scan] = {}
     for r in records:
         if r.image in scans or r.modality not in _MODALITIES:
             continue
         img = np.asarray(open_image(image_root, r.image).convert("RGB"))
-        h, w = img.shape[:2]
-        cover = np.zeros((h, w), np.float32)
-        pol = np.full((h, w), 0.5, np.float32)
-        for le in r.lesions:
-            m = np.asarray(Image.open(resolve_in_root(image_root, le.mask)).convert("L")) > 127
-            cover[m] = 1.0
-            pol[m] = 1.0 if le.intensity == "hyperdense" else 0.0
-        scans[r.image] = _Scan(img, cover, pol, _MODALITIES.index(r.modality), len(r.lesions))
+        lesions = [
+            (load_mask(resolve_in_root(image_root, le.mask)), le.intensity) for le in r.lesions
+        ]
+        scans[r.image] = _scan(img, lesions, r.modality)
     return list(scans.values())
 
 
@@ -83,13 +91,8 @@ def _pretrain_pool(seed: int, n: int, size: int) -> list[_Scan]:
     out = []
     for i in range(n):
         modality, img, lesions = pretrain_scan(seed, i, size)
-        cover = np.zeros(img.shape, np.float32)
-        pol = np.full(img.shape, 0.5, np.float32)
-        for le in lesions:
-            cover[le.mask] = 1.0
-            pol[le.mask] = 1.0 if le.intensity == "hyperdense" else 0.0
         rgb = np.repeat(img[..., None], 3, axis=-1)
-        out.append(_Scan(rgb, cover, pol, _MODALITIES.index(modality), len(lesions)))
+        out.append(_scan(rgb, [(le.mask, le.intensity) for le in lesions], modality))
     return out
 
 
@@ -188,7 +191,7 @@ def warm_up_vision(
     processor,
     records: list[VQARecord],
     image_root: Path,
-    cfg: Any,
+    cfg: VisionWarmupConfig,
     log_path: Path | None = None,
     holdout: list[VQARecord] | None = None,
 ) -> dict[str, Any]:
@@ -199,9 +202,7 @@ def warm_up_vision(
         processor: its processor (the image processor is used).
         records: train records; one scan per distinct image (their ``lesions`` give the masks).
         image_root: the dataset root the record paths are relative to.
-        cfg: :class:`~fire_mpo_core.training.config.VisionWarmupConfig`-like (``steps``,
-            ``batch_size``, ``lr``, ``seed``, ``polarity_weight``, ``modality_weight``,
-            ``count_weight``).
+        cfg: steps, batch size, learning rate, pool size, loss weights and seed.
         log_path: optional JSONL of (step, loss parts).
         holdout: optional records (e.g. val) on which presence AUC and modality / count accuracy
             of the heads are reported at the end.
@@ -236,6 +237,7 @@ def warm_up_vision(
         _, grid = feature_grid(
             model, dict(ip(images=[Image.fromarray(scans[0].image)], return_tensors="pt"))
         )
+    positions = token_quadrants(grid)  # the same grid every step
     t0 = time.perf_counter()
     order: list[int] = []
     parts_log: list[dict[str, float]] = []
@@ -254,9 +256,7 @@ def warm_up_vision(
             cov = torch.tensor(np.stack([b[1] for b in batch]), dtype=torch.float32)
             pol = torch.tensor(np.stack([b[2] for b in batch]), dtype=torch.float32)
             tok, mod, cnt, quad = heads(torch.stack(feats).float())
-            loss_pos = nn.functional.cross_entropy(
-                quad.reshape(-1, 4), token_quadrants(grid).repeat(len(idx))
-            )
+            loss_pos = nn.functional.cross_entropy(quad.reshape(-1, 4), positions.repeat(len(idx)))
             bce = nn.functional.binary_cross_entropy_with_logits
             loss_cov = bce(tok[..., 0], cov)
             w_pol = (cov > 0).float()
