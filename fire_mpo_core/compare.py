@@ -56,7 +56,7 @@ from pydantic import (
 )
 
 from fire_mpo_core.config import ConfigError, CycleConfig, load_config
-from fire_mpo_core.corruption.batch import CorruptConfig
+from fire_mpo_core.corruption.config import CorruptConfig
 from fire_mpo_core.training.config import TrainConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"

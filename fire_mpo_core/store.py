@@ -17,9 +17,10 @@ Usage::
 
     store = ArtifactStore("store")
     result = store.run_stage(run="r", round_=0, stage="prepare", config=cfg.model_dump(),
-                             inputs={}, code=code_version("fire_mpo_core.data"), fn=build)
+                             inputs={}, code=code_version("tasks.prepare"), fn=build)
 
-where ``build(writer)`` writes files under ``writer.path``, calls ``writer.reject(id, reason)``
+where ``code_version`` (:mod:`fire_mpo_core.code_version`) digests the stage's import closure
+and ``build(writer)`` writes files under ``writer.path``, calls ``writer.reject(id, reason)``
 for bad records and returns a dict of counts.
 """
 
@@ -29,7 +30,6 @@ import contextlib
 import fcntl
 import fnmatch
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -129,24 +129,6 @@ def digest_files(root: Path, exclude: Iterable[str] = (MANIFEST,)) -> str:
                     h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()
-
-
-def code_version(*modules: str) -> str:
-    """Hash of the source of the named modules or packages (all their .py files).
-
-    A stage lists the modules whose code decides its output; editing any of them changes the
-    stage key, so stale artifacts are never reused after a code change.
-    """
-    h = hashlib.sha256()
-    for name in sorted(set(modules)):
-        mod = importlib.import_module(name)
-        if hasattr(mod, "__path__"):  # a package: every module below it
-            files = sorted(f for d in mod.__path__ for f in Path(d).rglob("*.py"))
-        else:
-            files = [Path(mod.__file__)]
-        for f in files:
-            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:KEY_LEN]
 
 
 def stage_key(stage: str, config: Any, inputs: dict[str, Path], code: str) -> str:

@@ -45,7 +45,7 @@ from fire_mpo_core.compare import (
     write_comparison,
 )
 from fire_mpo_core.config import ConfigError, CycleConfig, StageName
-from fire_mpo_core.corruption.batch import CorruptConfig
+from fire_mpo_core.corruption.config import CorruptConfig
 from fire_mpo_core.store import canonical_json
 from fire_mpo_core.training.config import ReferenceConfig, TrainConfig
 from flows.full_cycle import TASKS, _Runner, run_cycle

@@ -6,8 +6,9 @@ inputs from the store and calls `fire_mpo_core`, then turns it into a Prefect ta
 string): stages never pass objects, only artifacts.
 
 Caching: Prefect's cache key is the store's content key (input content digests + stage config +
-code version of the task module and the core modules it calls). If that output folder is missing
-or unfinished, the stale cache record is forgotten first, so deleting an artifact reruns the stage.
+code version, the digest of the task module's import closure: fire_mpo_core.code_version). If
+that output folder is missing or unfinished, the stale cache record is forgotten first, so
+deleting an artifact reruns the stage.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from prefect.exceptions import MissingContextError
 from prefect.tasks import Task
 from pydantic import BaseModel, ConfigDict, Field
 
-from fire_mpo_core.config import StageName
+from fire_mpo_core.code_version import code_version
 from fire_mpo_core.openai_client import set_secret_resolver
+from fire_mpo_core.schema import StageName
 from fire_mpo_core.store import (
     DATA,
     REJECTS,
@@ -43,7 +45,6 @@ from fire_mpo_core.store import (
     StageResult,
     StageWriter,
     TooManyRejects,
-    code_version,
     is_finished,
     read_manifest,
     stage_key,
@@ -135,15 +136,15 @@ def retry_condition(resumable: bool) -> Callable[[Any, Any, Any], bool]:
 def stage_task(
     stage: StageName,
     body: Body,
-    code_modules: Sequence[str],
     *,
     retries: int = 1,
     retry_delay_seconds: float | list[float] = 2,
     tags: Sequence[str] = (),
     resumable: bool = False,
 ) -> Task[[StageCall], str]:
-    """Build the Prefect task of one stage around its body."""
-    code = code_version(*code_modules)
+    """Build the Prefect task of one stage around its body. Its code version is the digest of
+    the body's module and every project module it imports (:mod:`fire_mpo_core.code_version`)."""
+    code = code_version(body.__module__)
 
     def run(call: StageCall) -> str:
         if call.threads:

@@ -25,9 +25,9 @@ from prefect.cache_policies import NO_CACHE
 
 from fire_mpo_core.corruption import CorruptConfig, CorruptItem, prompt_from_qa
 from fire_mpo_core.corruption.batch import CorruptResult, corrupt_to_files, merge_corrupted
+from fire_mpo_core.data.export import export_hf_dataset
 from fire_mpo_core.data.io import resolve_in_root
 from fire_mpo_core.data.records import PreferencePair
-from fire_mpo_core.judge.export import export_hf_dataset
 from fire_mpo_core.store import DATA, StageWriter, read_jsonl, write_jsonl
 from tasks.common import StageCall, stage_task
 from tasks.shards import run_shards, shard_bounds
@@ -122,5 +122,4 @@ def body(call: StageCall, w: StageWriter) -> dict:
 corrupt = stage_task(
     "corrupt",
     body,
-    ["tasks.corrupt", "tasks.shards", "fire_mpo_core.corruption", "fire_mpo_core.judge.export"],
 )

@@ -12,7 +12,7 @@ import json
 
 from prefect.artifacts import create_markdown_artifact
 
-from fire_mpo_core.config import EvaluateConfig
+from fire_mpo_core.evaluation.config import EvaluateConfig
 from fire_mpo_core.evaluation.vqa import evaluate_policy
 from fire_mpo_core.policy import read_policy
 from fire_mpo_core.store import StageWriter
@@ -75,15 +75,5 @@ def body(call: StageCall, w: StageWriter) -> dict:
 evaluate = stage_task(
     "evaluate",
     body,
-    [
-        "tasks.evaluate",
-        "fire_mpo_core.evaluation",
-        "fire_mpo_core.models",
-        "fire_mpo_core.data",
-        # Clinical F1 parses with the judge's lexicon; grounding removes lesions with `corrupt`.
-        "fire_mpo_core.judge",
-        "fire_mpo_core.corruption",
-        "fire_mpo_core.openai_client",
-    ],
     tags=["compute"],
 )

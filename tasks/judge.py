@@ -107,7 +107,6 @@ def body(call: StageCall, w: StageWriter) -> dict:
 judge = stage_task(
     "judge",
     body,
-    ["tasks.judge", "tasks.shards", "fire_mpo_core.judge", "fire_mpo_core.openai_client"],
     retries=2,
     retry_delay_seconds=[10, 60],
     resumable=True,

@@ -7,11 +7,12 @@ Output folder: `data.jsonl` + `images/` + `masks/` (the dataset root of every la
 
 from __future__ import annotations
 
-from fire_mpo_core.config import DataConfig, ModelConfig
+from fire_mpo_core.data.config import DataConfig
 from fire_mpo_core.data.io import load_records
 from fire_mpo_core.data.prepare_real import prepare_real_dataset
 from fire_mpo_core.data.synthlesion import generate_synthlesion
 from fire_mpo_core.models import build_tiny_model
+from fire_mpo_core.models.config import ModelConfig
 from fire_mpo_core.policy import PolicyRef, write_policy
 from fire_mpo_core.store import StageWriter
 from tasks.common import StageCall, stage_task
@@ -39,5 +40,4 @@ def body(call: StageCall, w: StageWriter) -> dict:
 prepare = stage_task(
     "prepare",
     body,
-    ["tasks.prepare", "fire_mpo_core.data", "fire_mpo_core.models", "fire_mpo_core.policy"],
 )

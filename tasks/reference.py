@@ -31,6 +31,5 @@ def body(call: StageCall, w: StageWriter) -> dict:
 reference = stage_task(
     "reference",
     body,
-    ["tasks.reference", "fire_mpo_core.training", "fire_mpo_core.models"],
     tags=["compute"],
 )

@@ -63,12 +63,6 @@ def body(call: StageCall, w: StageWriter) -> dict:
 sample = stage_task(
     "sample",
     body,
-    [
-        "tasks.sample",
-        "fire_mpo_core.sampling",
-        "fire_mpo_core.models",
-        "fire_mpo_core.openai_client",
-    ],
     retries=3,
     retry_delay_seconds=[5, 20, 60],
     tags=["compute"],

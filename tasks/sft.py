@@ -7,10 +7,10 @@ only points at the base model.
 
 from __future__ import annotations
 
-from fire_mpo_core.config import SFTConfig
 from fire_mpo_core.data.io import load_records
 from fire_mpo_core.policy import PolicyRef, read_policy, write_policy
 from fire_mpo_core.store import StageWriter
+from fire_mpo_core.training.config import SFTConfig
 from fire_mpo_core.training.sft import run_sft
 from tasks.common import StageCall, stage_task
 
@@ -40,12 +40,5 @@ def body(call: StageCall, w: StageWriter) -> dict:
 sft = stage_task(
     "sft",
     body,
-    [
-        "tasks.sft",
-        "fire_mpo_core.training.sft",
-        "fire_mpo_core.training.vision_warmup",
-        "fire_mpo_core.models",
-        "fire_mpo_core.data",
-    ],
     tags=["compute"],
 )

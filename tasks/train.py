@@ -78,7 +78,6 @@ def body(call: StageCall, w: StageWriter) -> dict:
 train = stage_task(
     "train",
     body,
-    ["tasks.train", "fire_mpo_core.training", "fire_mpo_core.losses", "fire_mpo_core.models"],
     retries=2,
     retry_delay_seconds=[10, 30],
     tags=["compute"],

@@ -19,6 +19,17 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from fire_mpo_core.clinical.edits import Edit, apply_edits, changed_words, sentence_spans
+from fire_mpo_core.clinical.lexicon import (
+    Lexicon,
+    antonym,
+    article_for,
+    content_keys,
+    match_case,
+    split_parts,
+    tokenize,
+    word_key,
+)
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge import (
     JUDGES,
@@ -31,18 +42,6 @@ from fire_mpo_core.judge import (
     stable_seed,
     validate_pair,
 )
-from fire_mpo_core.judge.edits import Edit, apply_edits, sentence_spans
-from fire_mpo_core.judge.lexicon import (
-    Lexicon,
-    antonym,
-    article_for,
-    content_keys,
-    match_case,
-    split_parts,
-    tokenize,
-    word_key,
-)
-from fire_mpo_core.judge.validate import changed_words
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -684,7 +683,7 @@ def test_export_hf_dataset_roundtrip(tmp_path):
     Image.fromarray(img).save(tmp_path / "data" / "images" / "a.png")
     (tmp_path / "corrupt").mkdir()
     Image.fromarray(255 - img).save(tmp_path / "corrupt" / "a-noise.png")
-    from fire_mpo_core.judge.export import export_hf_dataset
+    from fire_mpo_core.data.export import export_hf_dataset
 
     p1 = pair_of(rec("left", "side"), "The lesion is on the right side.")
     p2 = p1.model_copy(update={"id": "r1#1", "corrupted_image": "a-noise.png"})

@@ -1,6 +1,6 @@
 """The rules judge on real SLAKE, VQA-RAD and IU X-Ray annotations with synthetic responses.
 
-The records are real (converted by :mod:`fire_mpo_core.judge.converters`); the model responses
+The records are real (converted by :mod:`fire_mpo_core.data.converters`); the model responses
 are made here: the right answer, or a wrong answer drawn from the same dataset's answers to the
 same question type (listing as many items), bare or embedded in a sentence. Reports: the real
 report, or the report with one finding word changed. Per dataset and answer type we print the
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from fire_mpo_core.clinical.lexicon import content_keys, split_parts
+from fire_mpo_core.data.converters import iuxray_records, slake_records, vqarad_records
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge import JudgeConfig, RulesJudge, validate_pair
-from fire_mpo_core.judge.converters import iuxray_records, slake_records, vqarad_records
-from fire_mpo_core.judge.lexicon import content_keys, split_parts
 
 REALDATA = Path(
     os.environ.get("FIRE_MPO_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata")

@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
-from fire_mpo_core.judge.base import JudgeConfig, Rejection
+from fire_mpo_core.judge.base import Rejection
+from fire_mpo_core.judge.config import JudgeConfig
 from fire_mpo_core.judge.llm import (
     JUDGE_SCHEMA,
     LLMJudge,

@@ -18,7 +18,7 @@ import pytest
 from prefect import flow, task
 
 from fire_mpo_core.config import DataConfig
-from fire_mpo_core.corruption.batch import CorruptConfig
+from fire_mpo_core.corruption.config import CorruptConfig
 from fire_mpo_core.data.io import load_records
 from fire_mpo_core.data.records import Rollout
 from fire_mpo_core.data.synthlesion import generate_synthlesion

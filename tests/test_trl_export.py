@@ -23,7 +23,7 @@ def test_dpo_trainer_trains_two_steps_on_the_export(tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     from bench.common import build_world
-    from fire_mpo_core.judge.export import export_hf_dataset
+    from fire_mpo_core.data.export import export_hf_dataset
     from fire_mpo_core.models import load_model, load_processor
     from fire_mpo_core.training.batching import load_pairs
 

@@ -19,7 +19,6 @@ Usage::
 """
 
 from fire_mpo_core.corruption.batch import (
-    CorruptConfig,
     CorruptItem,
     CorruptResult,
     corrupt_for_record,
@@ -29,6 +28,7 @@ from fire_mpo_core.corruption.batch import (
     load_image,
     make_executor,
 )
+from fire_mpo_core.corruption.config import CorruptConfig
 from fire_mpo_core.corruption.masks import (
     binarize,
     box_mask,

@@ -45,14 +45,14 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from fire_mpo_core.data.io import ImageError, open_image, resolve_in_root
-from fire_mpo_core.data.records import VQARecord
-from fire_mpo_core.judge.converters import (
-    _split,
+from fire_mpo_core.data.converters import (
     iuxray_records,
+    normalise_split,
     slake_records,
     vqarad_records,
 )
+from fire_mpo_core.data.io import ImageError, open_image, resolve_in_root
+from fire_mpo_core.data.records import VQARecord
 
 DatasetKind = Literal["slake", "vqarad", "iuxray", "hf_disk", "jsonl"]
 KINDS: tuple[str, ...] = ("slake", "vqarad", "iuxray", "hf_disk", "jsonl")
@@ -119,7 +119,7 @@ def load_dataset_records(
         FileNotFoundError: the split's annotation file is missing (a config error, not a record's).
     """
     root = Path(root)
-    want = _split(split)
+    want = normalise_split(split)
     rejects: list[tuple[str, str]] = []
 
     def reject(rid: str, reason: str) -> None:
@@ -251,7 +251,7 @@ def _iuxray(
     out = []
     for split_name, items in data.items():
         try:
-            if _split(split_name) != split:
+            if normalise_split(split_name) != split:
                 continue
         except ValueError:
             continue  # a key that is not a split (metadata)
@@ -323,7 +323,7 @@ def _jsonl(root: Path, split: str, reject: Callable[[str, str], None]) -> list[V
                 rid = str(row.get("id") or rid)
                 if path == per_split:
                     row.setdefault("split", split)
-                if _split(str(row.get("split", ""))) != split:
+                if normalise_split(str(row.get("split", ""))) != split:
                     continue
                 answer = str(row.get("answer", ""))
                 row = {"answer_type": _closed_or_open(answer), "question_type": "other", **row}

@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from fire_mpo_core.config import DataConfig
+from fire_mpo_core.data.config import DataConfig
 from fire_mpo_core.data.io import resolve_in_root
 from fire_mpo_core.data.loaders import load_dataset_records
 from fire_mpo_core.data.records import VQARecord

@@ -8,7 +8,7 @@ hints) -- with 0-2 lesions of known mask, centre, radius, size class, intensity 
 
 Usage::
 
-    from fire_mpo_core.config import DataConfig
+    from fire_mpo_core.data.config import DataConfig
     from fire_mpo_core.data.synthlesion import generate_synthlesion
     counts = generate_synthlesion(DataConfig(seed=0), Path("out"))
     # out/images/train-00000.png, out/masks/train-00000.png (union), out/masks/train-00000-l0.png,
@@ -78,7 +78,7 @@ import numpy as np
 from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
-from fire_mpo_core.config import DataConfig
+from fire_mpo_core.data.config import DataConfig
 from fire_mpo_core.data.records import Lesion, VQARecord
 
 MODALITIES: tuple[str, ...] = ("ct", "mri", "x-ray")

@@ -28,9 +28,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-from fire_mpo_core.judge.lexicon import BUILTIN, LESION_LIKE, NORMAL_STATES, Lexicon, tokenize
-from fire_mpo_core.judge.polarity import is_negation
-from fire_mpo_core.judge.reports import parse_frames
+from fire_mpo_core.clinical.frames import parse_frames
+from fire_mpo_core.clinical.lexicon import BUILTIN, LESION_LIKE, NORMAL_STATES, Lexicon, tokenize
+from fire_mpo_core.clinical.polarity import is_negation
 
 Finding = tuple[str, str, str]
 

@@ -50,7 +50,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fire_mpo_core.config import EvaluateConfig
 from fire_mpo_core.corruption import corrupt, load_mask
 from fire_mpo_core.corruption.masks import resize_mask
 from fire_mpo_core.corruption.ops import dilate_mask
@@ -58,6 +57,7 @@ from fire_mpo_core.data.io import open_image, resolve_in_root
 from fire_mpo_core.data.records import VQARecord
 from fire_mpo_core.data.synthlesion import sentence_answer
 from fire_mpo_core.evaluation.clinical import clinical_spans
+from fire_mpo_core.evaluation.config import EvaluateConfig
 from fire_mpo_core.evaluation.metrics import closed_correct, exact_match
 from fire_mpo_core.evaluation.probes import Probe, build_probes
 from fire_mpo_core.evaluation.stats import rate_with_ci

@@ -30,8 +30,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from fire_mpo_core.config import EvaluateConfig
 from fire_mpo_core.data.io import load_records, open_image
+from fire_mpo_core.evaluation.config import EvaluateConfig
 from fire_mpo_core.evaluation.grounding import measure_grounding
 from fire_mpo_core.evaluation.llm_judge import (
     OpenItem,

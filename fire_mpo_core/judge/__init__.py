@@ -26,15 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
-from fire_mpo_core.judge.base import (
-    Judge,
-    JudgeConfig,
-    JudgeResult,
-    PairStyle,
-    Rejection,
-    judge_rollouts,
-    stable_seed,
-)
+from fire_mpo_core.judge.base import Judge, JudgeResult, Rejection, judge_rollouts, stable_seed
+from fire_mpo_core.judge.config import JudgeConfig, PairStyle
 from fire_mpo_core.judge.llm import LLMJudge
 from fire_mpo_core.judge.rules import RulesJudge
 from fire_mpo_core.judge.validate import validate_pair
@@ -48,6 +41,8 @@ JUDGES: dict[str, type] = {
 
 def build_judge(config: JudgeConfig, records: Sequence[VQARecord] = ()) -> Judge:
     """The configured judge, given the dataset's records (its answer vocabulary)."""
+    if config.name not in JUDGES:
+        raise ValueError(f"judge.name {config.name!r} is unknown; known: {sorted(JUDGES)}")
     return JUDGES[config.name](config, records)
 
 

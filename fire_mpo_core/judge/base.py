@@ -21,101 +21,10 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
-from fire_mpo_core.judge.llm import LLMJudgeConfig
-
-PairStyle = Literal["on_policy", "gt_style", "style_agnostic"]
-RejectCode = Literal[
-    "empty_response",  # nothing but whitespace / punctuation
-    "no_answer_found",  # no answer of the question's kind in the response (gibberish, refusal)
-    "partial_answer",  # a list answer with fewer items than the reference
-    "no_counterfactual",  # correct, but no plausible wrong alternative to write
-    "not_minimal",  # the correction needs more than the per-sentence word cap
-    "omission",  # a report misses reference findings, which no in-place edit can add
-    "no_reference",  # gt_style: the reference text does not state the answer
-    "invalid_pair",  # the built pair failed the validator (a judge bug or a non-minimal edit)
-    "unknown_record",  # the rollout's record id is not in the dataset
-    "endpoint_error",  # the LLM judge's endpoint failed after its retries (transient: redone)
-]
-
-
-class JudgeConfig(BaseModel):
-    """Settings of the `judge` stage."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    name: str = Field(
-        default="rules",
-        description="Judge in the registry fire_mpo_core.judge.JUDGES: 'rules' (deterministic).",
-    )
-    style: PairStyle = Field(
-        default="on_policy",
-        description=(
-            "Pair style (the paper's ablation): 'on_policy' edits the model's own answer; "
-            "'gt_style' uses the dataset's reference text as chosen; 'style_agnostic' puts both "
-            "answers in one neutral template ('The answer is X.')."
-        ),
-    )
-    max_changed_fraction: float = Field(
-        default=0.5,
-        gt=0.0,
-        le=1.0,
-        description=(
-            "Minimality cap: changed word tokens / word tokens of the longer side, checked for "
-            "texts of at least `fraction_min_words` words."
-        ),
-    )
-    max_changed_words: int = Field(
-        default=3,
-        ge=1,
-        description=(
-            "Most changed words per sentence of a report, and per answer shorter than "
-            "`fraction_min_words` words (a bare answer is all clinical span)."
-        ),
-    )
-    fraction_min_words: int = Field(
-        default=4,
-        ge=1,
-        description="Texts shorter than this are bare answers: only `max_changed_words` applies.",
-    )
-    llm: LLMJudgeConfig | None = Field(
-        default=None,
-        description="Endpoint, model and prompts of the `llm` judge (required when name='llm').",
-    )
-    seed: int = Field(
-        default=0,
-        description=(
-            "Seed of the counterfactual choice; combined with a SHA-256 of the rollout id, so "
-            "the same rollout gets the same pair in any process."
-        ),
-    )
-    shards: int = Field(
-        default=1,
-        ge=1,
-        le=1024,
-        description=(
-            "Split the rollouts into this many contiguous shards judged in parallel as Prefect "
-            "tasks (threads, or a Dask cluster: docs/gpu.md); 1 judges in the stage task. The "
-            "merged output is byte-identical for any value."
-        ),
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _known_judge(cls, v: str) -> str:
-        from fire_mpo_core.judge import JUDGES  # the registry imports this module
-
-        if v not in JUDGES:
-            raise ValueError(f"unknown judge {v!r}; known: {sorted(JUDGES)}")
-        return v
-
-    @model_validator(mode="after")
-    def _llm_section(self) -> JudgeConfig:
-        if self.name == "llm" and self.llm is None:
-            raise ValueError("name='llm' needs the `llm` section (endpoint, model, prompts)")
-        return self
+from fire_mpo_core.judge.config import JudgeConfig, RejectCode
 
 
 class Rejection(BaseModel):

@@ -35,23 +35,19 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
+from fire_mpo_core.judge.base import JudgeResult, Rejection
+from fire_mpo_core.judge.config import PROMPT_DIR, PROMPT_NAME, JudgeConfig, LLMJudgeConfig
+from fire_mpo_core.judge.validate import validate_pair
 from fire_mpo_core.openai_client import (
     ChatClient,
     ChatFailure,
-    OpenAIEndpointConfig,
     RetryableError,
 )
-
-# judge.base will hold an `llm: LLMJudgeConfig | None` field, so this module must import without
-# it: base and validate are imported where they are used.
-if TYPE_CHECKING:
-    from fire_mpo_core.judge.base import JudgeConfig, JudgeResult
 
 __all__ = [
     "JUDGE_SCHEMA",
@@ -64,48 +60,6 @@ __all__ = [
     "load_prompt",
     "locate_changes",
 ]
-
-PROMPT_DIR = Path(__file__).with_name("prompts")
-_PROMPT_NAME = re.compile(r"^[a-z0-9_]+_v[0-9]+$")
-
-
-class LLMJudgeConfig(BaseModel):
-    """Settings of the LLM judge: the endpoint and how to ask it."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
-
-    endpoint: OpenAIEndpointConfig = Field(
-        description="OpenAI-compatible endpoint(s), key env var, concurrency, timeouts, retries."
-    )
-    vqa_prompt: str = Field(
-        default="judge_vqa_v1", description="Prompt file (without .txt) for closed/open answers."
-    )
-    report_prompt: str = Field(
-        default="judge_report_v1", description="Prompt file (without .txt) for reports."
-    )
-    temperature: float = Field(default=0.0, ge=0, description="Judge sampling temperature.")
-    max_tokens: int = Field(default=1024, ge=16, description="Reply budget in tokens.")
-    response_format: Literal["json_schema", "json_object", "none"] = Field(
-        default="json_schema",
-        description="Structured output mode: json_schema (strict schema), json_object (any "
-        "JSON; for servers without schemas) or none (prompt only).",
-    )
-
-    @field_validator("vqa_prompt", "report_prompt")
-    @classmethod
-    def _prompt_exists(cls, v: str) -> str:
-        if not _PROMPT_NAME.match(v) or not (PROMPT_DIR / f"{v}.txt").is_file():
-            known = sorted(p.stem for p in PROMPT_DIR.glob("*.txt"))
-            raise ValueError(f"unknown judge prompt {v!r}; known: {known}")
-        return v
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint_complete(cls, v: OpenAIEndpointConfig) -> OpenAIEndpointConfig:
-        if not v.base_urls or not v.model:
-            raise ValueError("the LLM judge needs endpoint.base_urls and endpoint.model")
-        return v
-
 
 # --------------------------------------------------------------------------- prompts
 
@@ -130,7 +84,7 @@ class Prompt:
 @cache
 def load_prompt(name: str) -> Prompt:
     """Read ``prompts/<name>.txt``: a ``=== system ===`` part, then a ``=== user ===`` part."""
-    if not _PROMPT_NAME.match(name):
+    if not PROMPT_NAME.match(name):
         raise ValueError(f"bad prompt name {name!r} (expected e.g. judge_vqa_v1)")
     raw = (PROMPT_DIR / f"{name}.txt").read_text(encoding="utf-8")
     m = re.fullmatch(r"=== system ===\n(.*?)\n=== user ===\n(.*)", raw, flags=re.S)
@@ -387,7 +341,6 @@ class LLMJudge:
         return params
 
     def _build_pair(self, record: VQARecord, rollout: Rollout, reply: JudgeReply) -> PreferencePair:
-        from fire_mpo_core.judge.validate import validate_pair
 
         response, edited = rollout.response, reply.edited_response
         verdict = reply.verdict
@@ -418,7 +371,6 @@ class LLMJudge:
 
     def judge(self, record: VQARecord, rollout: Rollout) -> JudgeResult:
         """One rollout -> a validated minimal-edit pair, or a rejection with the reason."""
-        from fire_mpo_core.judge.base import Rejection
 
         def reject(code: str, reason: str, verdict: str | None = None) -> Rejection:
             return Rejection(

@@ -7,8 +7,8 @@ shortcut), a "no" quantifier counting as "no" ("There is no lesion."); without o
 ("not", "without", "absent", ...) means no and an explicit presence statement ("there is",
 "present", "seen", ...) means yes. Other answers: the response's *clinical runs* are the maximal
 runs of words of the question's category (side, location, organ, count, modality, ...; see
-:class:`~fire_mpo_core.judge.lexicon.Lexicon`); the answer run is the first one that does not only
-echo the question's words. It is correct when it holds every content word of the reference
+:class:`~fire_mpo_core.clinical.lexicon.Lexicon`); the answer run is the first one that does
+not only echo the question's words. It is correct when it holds every content word of the reference
 answer, compared by key (lowercase, no punctuation or articles, "two" == "2", "x-ray" == "xr",
 order-free: "left upper" == "upper left"; a superset is fine: "left upper lobe" answers "left").
 List answers ("upper left and lower right") match part by part against that many runs.
@@ -59,9 +59,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
-from fire_mpo_core.judge.base import JudgeConfig, JudgeResult, RejectCode, Rejection, stable_seed
-from fire_mpo_core.judge.edits import (
+from fire_mpo_core.clinical.edits import (
     Edit,
     Span,
     apply_edits,
@@ -69,7 +67,7 @@ from fire_mpo_core.judge.edits import (
     replace_tokens,
     sentence_spans,
 )
-from fire_mpo_core.judge.lexicon import (
+from fire_mpo_core.clinical.lexicon import (
     ARTICLES,
     BUILTIN,
     DIGIT_WORDS,
@@ -89,7 +87,10 @@ from fire_mpo_core.judge.lexicon import (
     tokenize,
     word_key,
 )
-from fire_mpo_core.judge.polarity import affirm, is_negation, is_no_determiner, negate
+from fire_mpo_core.clinical.polarity import affirm, is_negation, is_no_determiner, negate
+from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
+from fire_mpo_core.judge.base import JudgeResult, Rejection, stable_seed
+from fire_mpo_core.judge.config import JudgeConfig, RejectCode
 from fire_mpo_core.judge.reports import analyse_report
 from fire_mpo_core.judge.types import Analysis, Unjudgeable, Verdict
 from fire_mpo_core.judge.validate import validate_pair

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fire_mpo_core.judge.base import RejectCode
-from fire_mpo_core.judge.edits import Edit, Span
+from fire_mpo_core.clinical.edits import Edit, Span
+from fire_mpo_core.judge.config import RejectCode
 
 Verdict = Literal["correct", "incorrect"]
 

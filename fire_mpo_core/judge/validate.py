@@ -11,7 +11,7 @@ A pair is valid when
   non-overlapping, and both sides declare the same number of spans;
 * outside the spans the two texts are byte-identical, and every span pair really changes a word
   (not only punctuation or spacing) and is not a synonym or case swap (same word keys, see
-  :mod:`fire_mpo_core.judge.lexicon`);
+  :mod:`fire_mpo_core.clinical.lexicon`);
 * ``on_policy``: the sampled response is ``rejected`` (verdict incorrect) or ``chosen``
   (verdict correct), byte for byte; ``gt_style``: chosen is the reference text when given;
 * minimal: changed words (the word-level edit distance of each span pair: max(len) - matched
@@ -28,27 +28,10 @@ span counts may differ too).
 
 from __future__ import annotations
 
-from difflib import SequenceMatcher
-
+from fire_mpo_core.clinical.edits import Span, changed_words, sentence_index, sentence_spans, words
+from fire_mpo_core.clinical.lexicon import TOKEN_RE, tokenize
 from fire_mpo_core.data.records import PreferencePair
-from fire_mpo_core.judge.base import JudgeConfig
-from fire_mpo_core.judge.edits import Span, sentence_index, sentence_spans
-from fire_mpo_core.judge.lexicon import TOKEN_RE, tokenize
-
-
-def words(text: str) -> list[str]:
-    """Word tokens of a text as the validator counts them (a multi-word alias such as "X-ray"
-    or "computed tomography" is one word)."""
-    return [t.surface for t in tokenize(text)]
-
-
-def changed_words(a: str, b: str) -> int:
-    """Word-level edit size between two strings: max(len) - words in the longest matching
-    blocks ("no evidence" vs "evidence": 1; "an upper" vs "a lower": 2)."""
-    wa, wb = words(a), words(b)
-    sm = SequenceMatcher(None, wa, wb, autojunk=False)
-    matched = sum(m.size for m in sm.get_matching_blocks())
-    return max(len(wa), len(wb)) - matched
+from fire_mpo_core.judge.config import JudgeConfig
 
 
 def _check_spans(text: str, spans: list[Span], side: str) -> str | None:

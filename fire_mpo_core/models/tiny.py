@@ -4,7 +4,7 @@ real ``transformers`` architecture, randomly initialised and saved like any hub 
 The result loads with the same calls as a real model (``load_model`` / ``load_processor``), so every
 stage runs unchanged on a tiny CPU model or a 7B GPU model::
 
-    from fire_mpo_core.config import ModelConfig
+    from fire_mpo_core.models.config import ModelConfig
     from fire_mpo_core.models import build_tiny_model, load_model, load_processor
 
     path = build_tiny_model(ModelConfig(arch="llava"), texts, image_size=64, out_dir=Path("base"))
@@ -77,7 +77,7 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from fire_mpo_core.config import ModelConfig
+from fire_mpo_core.models.config import ModelConfig
 from fire_mpo_core.models.loading import image_only_processor_class
 
 __all__ = [

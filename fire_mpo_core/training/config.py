@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fire_mpo_core.losses.config import LossConfig
 
-__all__ = ["LoRAConfig", "ReferenceConfig", "TrainConfig"]
+__all__ = [
+    "WARMUP_ARCHS",
+    "LoRAConfig",
+    "ReferenceConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "VisionWarmupConfig",
+]
 
 
 class _Cfg(BaseModel):
@@ -257,3 +264,79 @@ class ReferenceConfig(_Cfg):
         }
         values.update(overrides)
         return cls(**values)
+
+
+#: Tiny architectures whose vision warm start is implemented and tested (LLaVA's per-patch and
+#: Qwen2-VL's merged-patch features); the other families skip it under ``enabled: auto``.
+WARMUP_ARCHS = frozenset({"llava", "llava_mistral", "qwen2_vl"})
+
+
+class VisionWarmupConfig(_Cfg):
+    """Dense pretraining of the tiny model's vision tower + projector before SFT
+    (fire_mpo_core.training.vision_warmup): a stand-in for a real model's pretrained encoder."""
+
+    enabled: bool | Literal["auto"] = Field(
+        default="auto",
+        description="auto: on for the tiny model built in `prepare` on SynthLesion, off for a "
+        "real checkpoint (model.name_or_path set) or a real dataset; true forces it (needs "
+        "SynthLesion lesion masks); false skips it.",
+    )
+    steps: int = Field(default=2000, ge=1, description="Optimizer steps of the warm start.")
+    batch_size: int = Field(default=32, ge=1, description="Images per step.")
+    lr: float = Field(default=3e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    pretrain_scans: int = Field(
+        default=6000,
+        ge=0,
+        description="Extra generated scans from SynthLesion's own `pretrain` seed stream (no "
+        "split's images), added to the train scans: the images a real encoder was pretrained on.",
+    )
+    polarity_weight: float = Field(
+        default=0.5, ge=0, description="Weight of the per-token lesion polarity loss."
+    )
+    modality_weight: float = Field(
+        default=0.5, ge=0, description="Weight of the image-level modality loss (global features)."
+    )
+    count_weight: float = Field(
+        default=0.5, ge=0, description="Weight of the image-level lesion count (0/1/2) loss."
+    )
+    position_weight: float = Field(
+        default=0.5,
+        ge=0,
+        description="Weight of the per-token own-quadrant loss (features that say where they are).",
+    )
+    seed: int = Field(default=0, description="Data order, flips and head initialisation seed.")
+
+    def active(self, tiny_model: bool, dataset: str, arch: str = "llava") -> bool:
+        """``auto``: on only for the tiny model built in ``prepare`` on SynthLesion (a real
+        checkpoint already has a pretrained encoder; a real dataset has no dense targets), of
+        an architecture the warm start reads features from (:data:`WARMUP_ARCHS`)."""
+        if self.enabled == "auto":
+            return tiny_model and dataset == "synthlesion" and arch in WARMUP_ARCHS
+        return bool(self.enabled)
+
+
+class SFTConfig(_Cfg):
+    """Supervised warm start of the tiny base policy (skipped for real checkpoints)."""
+
+    vision_warmup: VisionWarmupConfig = Field(
+        default_factory=VisionWarmupConfig,
+        description="Dense vision pretraining before SFT (the tiny default's stand-in encoder).",
+    )
+    train_vision: bool = Field(
+        default=True,
+        description="Also update the vision tower + projector during SFT (false: only the decoder "
+        "learns, the warm-started features stay as pretrained).",
+    )
+
+    enabled: bool = Field(default=True, description="Run SFT; off for already-tuned checkpoints.")
+    epochs: float = Field(default=2.0, gt=0, description="Passes over the train split.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    batch_size: int = Field(default=32, ge=1, description="Sequences per optimizer step.")
+    lr: float = Field(default=2e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(default=0.05, ge=0, le=1, description="Linear warmup share.")
+    max_length: int = Field(default=256, ge=16, description="Max tokens per sequence.")
+    include_reports: bool = Field(default=True, description="Train on report records too.")
+    seed: int = Field(default=0, description="Data order and dropout seed.")

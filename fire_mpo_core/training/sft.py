@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from fire_mpo_core.config import SFTConfig
 from fire_mpo_core.data.io import open_image
 from fire_mpo_core.data.records import VQARecord
 from fire_mpo_core.models import encode_batch, load_model, load_processor, model_inputs
+from fire_mpo_core.training.config import SFTConfig
 from fire_mpo_core.training.vision_warmup import vision_parameters, warm_up_vision
 
 

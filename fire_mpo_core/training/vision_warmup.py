@@ -42,11 +42,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from fire_mpo_core.config import VisionWarmupConfig
 from fire_mpo_core.corruption.masks import load_mask
 from fire_mpo_core.data.io import open_image, resolve_in_root
 from fire_mpo_core.data.records import VQARecord
 from fire_mpo_core.data.synthlesion import pretrain_scan
+from fire_mpo_core.training.config import VisionWarmupConfig
 
 _MODALITIES = ("ct", "mri", "x-ray")
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fire_mpo_core.judge.edits import Edit, delete_token, insert_after, joined, replace_tokens
-from fire_mpo_core.judge.lexicon import FUNCTION_WORDS, Token, article_for, match_case, stem
+from fire_mpo_core.clinical.edits import Edit, delete_token, insert_after, joined, replace_tokens
+from fire_mpo_core.clinical.lexicon import FUNCTION_WORDS, Token, article_for, match_case, stem
 
 COPULAS = frozenset({"is", "are", "was", "were"})
 #: Nouns that take no article when a "no" is dropped ("no evidence of" -> "evidence of").

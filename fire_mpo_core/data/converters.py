@@ -32,7 +32,7 @@ _SPLITS: dict[str, Split] = {
 REPORT_QUESTION = "Describe the findings in this chest X-ray."
 
 
-def _split(name: str) -> Split:
+def normalise_split(name: str) -> Split:
     try:
         return _SPLITS[name.strip().lower()]
     except KeyError:
@@ -65,7 +65,7 @@ def slake_records(
                 answer=answer,
                 answer_type=_answer_type(it["answer_type"]),
                 question_type=str(it.get("content_type") or "other"),
-                split=_split(split),
+                split=normalise_split(split),
                 modality=it.get("modality"),
                 dataset="slake",
             )
@@ -88,7 +88,7 @@ def vqarad_records(items: Iterable[Mapping[str, Any]], split: str) -> list[VQARe
                 answer=answer,
                 answer_type=_answer_type(it["answer_type"]),
                 question_type=str(it.get("question_type") or "other"),
-                split=_split(split),
+                split=normalise_split(split),
                 dataset="vqarad",
             )
         )
@@ -112,7 +112,7 @@ def iuxray_records(annotation: Mapping[str, Iterable[Mapping[str, Any]]]) -> lis
                     answer=report,
                     answer_type="report",
                     question_type="report",
-                    split=_split(split),
+                    split=normalise_split(split),
                     modality="x-ray",
                     dataset="iuxray",
                 )

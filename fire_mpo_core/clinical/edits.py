@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
-from fire_mpo_core.judge.lexicon import Token, article_for, match_case
+from fire_mpo_core.clinical.lexicon import Token, article_for, match_case, tokenize
 
 Span = tuple[int, int]
 
@@ -144,3 +145,18 @@ def insert_after(text: str, toks: list[Token], i: int, words: str) -> Edit:
     """Insert ``words`` after word ``i`` ("is" -> "is not"), as an edit of word ``i``."""
     tok = toks[i]
     return Edit(tok.start, tok.end, f"{tok.surface} {words}")
+
+
+def words(text: str) -> list[str]:
+    """Word tokens of a text as the validator counts them (a multi-word alias such as "X-ray"
+    or "computed tomography" is one word)."""
+    return [t.surface for t in tokenize(text)]
+
+
+def changed_words(a: str, b: str) -> int:
+    """Word-level edit size between two strings: max(len) - words in the longest matching
+    blocks ("no evidence" vs "evidence": 1; "an upper" vs "a lower": 2)."""
+    wa, wb = words(a), words(b)
+    sm = SequenceMatcher(None, wa, wb, autojunk=False)
+    matched = sum(m.size for m in sm.get_matching_blocks())
+    return max(len(wa), len(wb)) - matched
