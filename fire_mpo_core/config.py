@@ -26,7 +26,9 @@ from fire_mpo_core.data.config import REAL_DATA_REJECT_BUDGET, DataConfig
 from fire_mpo_core.evaluation.config import EvaluateConfig
 from fire_mpo_core.judge import JUDGES
 from fire_mpo_core.judge.config import JudgeConfig
+from fire_mpo_core.losses.objectives import LOSSES
 from fire_mpo_core.models.config import ModelConfig
+from fire_mpo_core.sampling import ENGINES
 from fire_mpo_core.sampling.config import SampleConfig
 from fire_mpo_core.schema import SETUP_STAGES, STAGES, StageName, StrictConfig
 from fire_mpo_core.training.config import (
@@ -111,9 +113,15 @@ class CycleConfig(StrictConfig):
         return v
 
     @model_validator(mode="after")
-    def _known_judge(self) -> CycleConfig:
-        if self.judge.name not in JUDGES:
-            raise ValueError(f"judge.name {self.judge.name!r} is unknown; known: {sorted(JUDGES)}")
+    def _registered_names(self) -> CycleConfig:
+        # Checked here, at the top, because each registry imports the config it is named in.
+        for field, name, registry in (
+            ("judge.name", self.judge.name, JUDGES),
+            ("train.loss.name", self.train.loss.name, LOSSES),
+            ("sample.engine", self.sample.engine, ENGINES),
+        ):
+            if name not in registry:
+                raise ValueError(f"{field} {name!r} is unknown; known: {sorted(registry)}")
         return self
 
 

@@ -54,3 +54,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "data: [unclosed\n"))
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_registry_names_are_checked_by_the_cycle_config_naming_the_field():
+    """Judge and loss names are keys of their registries (JUDGES, LOSSES), checked at load."""
+    with pytest.raises(ConfigError, match=r"train\.loss\.name 'bogus' is unknown; known: \["):
+        load_config(overrides={"train.loss.name": "bogus"})
+    with pytest.raises(ConfigError, match=r"judge\.name 'gpt' is unknown"):
+        load_config(overrides={"judge.name": "gpt"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from fire_mpo_core.clinical.lexicon import (
     tokenize,
     word_key,
 )
+from fire_mpo_core.config import CycleConfig
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge import (
     JUDGES,
@@ -136,8 +138,13 @@ def test_config_defaults_forbid_extra_and_check_name():
     )
     with pytest.raises(ValidationError, match="extra"):
         JudgeConfig(temperature=0.1)
-    with pytest.raises(ValidationError, match="unknown judge 'gpt'"):
-        JudgeConfig(name="gpt")
+    # The name is checked against the registry where the registry is importable: by the cycle
+    # config (naming the field) and by build_judge (the judges import JudgeConfig).
+    unknown = re.escape("judge.name 'gpt' is unknown; known: ['llm', 'rules']")
+    with pytest.raises(ValidationError, match=unknown):
+        CycleConfig(judge={"name": "gpt"})
+    with pytest.raises(ValueError, match=unknown):
+        build_judge(JudgeConfig(name="gpt"))
     with pytest.raises(ValidationError, match="needs the `llm` section"):
         JudgeConfig(name="llm")
     with pytest.raises(ValidationError):

@@ -152,6 +152,11 @@ class PreferenceLoss(nn.Module):
     def terms(self, x: PreferenceLogps) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def logged_terms(self, out: LossOutput) -> dict[str, Tensor]:
+        """Unweighted per-pair terms the trainer logs (``loss/<name>``); a loss with extra
+        terms (a KL mix, an anchor) extends this, so the trainer never branches on loss names."""
+        return {"loss/ranking": -F.logsigmoid(out.margins)}
+
     def forward(self, x: PreferenceLogps) -> LossOutput:
         """Per-pair loss [B] plus parts; adds nll_weight * NLL(y+ | v) to every loss."""
         out = self.terms(x)

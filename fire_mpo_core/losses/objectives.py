@@ -79,6 +79,9 @@ class RRPOLoss(PreferenceLoss):
     def kl_on(self) -> KLPositions:
         return self._kl_on
 
+    def logged_terms(self, out: LossOutput) -> dict[str, Tensor]:
+        return {**super().logged_terms(out), "loss/kl": out.kl_forward}
+
     def terms(self, x: PreferenceLogps) -> LossOutput:
         chosen = x.clean_chosen.span_reward(self.beta)
         rejected = x.clean_rejected.span_reward(self.beta)
@@ -110,6 +113,9 @@ class MDPOLoss(PreferenceLoss):
     @property
     def corrupt_branches(self) -> tuple[str, ...]:
         return ("corrupt_chosen",)
+
+    def logged_terms(self, out: LossOutput) -> dict[str, Tensor]:
+        return {**super().logged_terms(out), "loss/anchor": -F.logsigmoid(out.chosen_rewards)}
 
     def terms(self, x: PreferenceLogps) -> LossOutput:
         chosen = x.clean_chosen.reward(self.beta)
@@ -177,6 +183,10 @@ class FiReMPOLoss(PreferenceLoss):
     def kl_on(self) -> KLPositions:
         return "spans"
 
+    def logged_terms(self, out: LossOutput) -> dict[str, Tensor]:
+        kl = self.lambda_ * out.kl_forward + (1 - self.lambda_) * out.kl_reverse
+        return {**super().logged_terms(out), "loss/kl": kl}
+
     def _visual_margin(self, x: PreferenceLogps) -> Tensor:
         b = self.beta
         if self.visual_direction == "reverse":
@@ -231,4 +241,6 @@ LOSSES: dict[str, Callable[[LossConfig], PreferenceLoss]] = {
 
 def build_loss(cfg: LossConfig) -> PreferenceLoss:
     """The loss module named by ``cfg.name``, with the config's coefficients."""
+    if cfg.name not in LOSSES:
+        raise ValueError(f"train.loss.name {cfg.name!r} is unknown; known: {sorted(LOSSES)}")
     return LOSSES[cfg.name](cfg)

@@ -85,8 +85,6 @@ def make_engine(
         raise ValueError(
             f"unknown sampling engine {cfg.engine!r}; known: {sorted(ENGINES)}"
         ) from None
-    if policy is None and cfg.engine != "openai":
+    if policy is None and getattr(cls, "needs_policy", True):
         raise ValueError(f"the {cfg.engine!r} engine needs a policy (base model and adapter)")
-    if cfg.engine == "vllm_server":
-        return cls(cfg, policy, model_key=model_key, log_path=log_path)
-    return cls(cfg, policy, model_key=model_key)
+    return cls(cfg, policy, model_key=model_key, log_path=log_path)

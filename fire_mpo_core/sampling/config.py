@@ -175,9 +175,10 @@ class VLLMServerConfig(_Cfg):
 class SampleConfig(_Cfg):
     """The `sample` stage: ``n`` on-policy answers per (image, question) of ``split``."""
 
-    engine: Literal["hf", "vllm", "vllm_server", "openai"] = Field(
+    engine: str = Field(
         default="hf",
-        description="hf (transformers, CPU/GPU), vllm (offline, in process), vllm_server (a "
+        description="A key of fire_mpo_core.sampling.ENGINES (checked by the cycle config): "
+        "hf (transformers, CPU/GPU), vllm (offline, in process), vllm_server (a "
         "vLLM OpenAI server the stage starts, or attaches to, with the round's adapter), openai "
         "(any OpenAI-compatible HTTP endpoint).",
     )

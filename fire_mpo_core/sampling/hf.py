@@ -17,6 +17,7 @@ so a run and a resumed run draw the same samples for the same batch.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from fire_mpo_core.data.records import Rollout
 from fire_mpo_core.sampling.base import (
@@ -38,7 +39,13 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, cfg: SampleConfig, policy: PolicyLike, model_key: str | None = None):
+    def __init__(
+        self,
+        cfg: SampleConfig,
+        policy: PolicyLike,
+        model_key: str | None = None,
+        log_path: Path | None = None,  # unused: no server process to log
+    ):
         from fire_mpo_core.models import load_model, load_processor
 
         trust = bool(getattr(policy, "trust_remote_code", False))

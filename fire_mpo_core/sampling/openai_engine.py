@@ -27,6 +27,7 @@ import io
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -75,6 +76,9 @@ class OpenAIEngine:
     """Sampling over HTTP from an OpenAI-compatible server; ``policy`` is what that server
     serves (only its name ends up in the rows, via ``model_key``)."""
 
+    #: The server decides what it serves: no local policy needed (make_engine checks this).
+    needs_policy = False
+
     name = "openai"
 
     def __init__(
@@ -82,6 +86,7 @@ class OpenAIEngine:
         cfg: SampleConfig,
         policy: PolicyLike | None = None,
         model_key: str | None = None,
+        log_path: Path | None = None,  # unused: the server is not ours to log
         client: ChatClient | None = None,
     ):
         self.cfg = cfg

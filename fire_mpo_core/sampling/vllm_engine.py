@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -194,7 +195,13 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, cfg: SampleConfig, policy: PolicyLike, model_key: str | None = None):
+    def __init__(
+        self,
+        cfg: SampleConfig,
+        policy: PolicyLike,
+        model_key: str | None = None,
+        log_path: Path | None = None,  # unused: no server process to log
+    ):
         try:
             import vllm
             from vllm.lora.request import LoRARequest

@@ -58,7 +58,7 @@ from torch.nn import functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from fire_mpo_core.data.records import PreferencePair
-from fire_mpo_core.losses.base import BranchLogps, LossOutput, PreferenceLogps
+from fire_mpo_core.losses.base import BranchLogps, LossOutput, PreferenceLogps, PreferenceLoss
 from fire_mpo_core.losses.config import LossConfig
 from fire_mpo_core.losses.fused import FusedBranch, fused_preference_outputs
 from fire_mpo_core.losses.naive import (
@@ -419,18 +419,6 @@ def score_batch(
 # --------------------------------------------------------------------------- metrics
 
 
-def _loss_parts(cfg: LossConfig, out: LossOutput) -> dict[str, Tensor]:
-    """Unweighted per-pair terms for logging: ranking, visual (active pairs), KL mix, anchor."""
-    parts = {"loss/ranking": -F.logsigmoid(out.margins)}
-    if cfg.name == "fire_mpo":
-        parts["loss/kl"] = cfg.lambda_ * out.kl_forward + (1 - cfg.lambda_) * out.kl_reverse
-    elif cfg.name == "rrpo":
-        parts["loss/kl"] = out.kl_forward
-    if cfg.name == "mdpo":
-        parts["loss/anchor"] = -F.logsigmoid(out.chosen_rewards)
-    return parts
-
-
 class _Meter:
     """Pair-weighted means over the micro-batches of a step (visual terms over active pairs)."""
 
@@ -445,7 +433,7 @@ class _Meter:
         self.sums[key] = self.sums.get(key, 0.0) + float(values.sum())
         self.weights[key] = self.weights.get(key, 0.0) + values.numel()
 
-    def add_output(self, cfg: LossConfig, out: LossOutput) -> None:
+    def add_output(self, loss_fn: PreferenceLoss, out: LossOutput) -> None:
         self.add("loss", out.loss)
         self.add("rewards/chosen", out.chosen_rewards)
         self.add("rewards/rejected", out.rejected_rewards)
@@ -457,7 +445,7 @@ class _Meter:
         self.add("visual/active_fraction", out.visual_active.float())
         self.add("visual/margin", out.visual_margin, out.visual_active)
         self.add("loss/visual", -F.logsigmoid(out.visual_margin), out.visual_active)
-        for key, values in _loss_parts(cfg, out).items():
+        for key, values in loss_fn.logged_terms(out).items():
             self.add(key, values)
 
     def merge(self, world: DistInfo) -> None:
@@ -696,6 +684,7 @@ def train_preference(
     train_seconds = 0.0
     pairs_done = encodes_done = 0
     try:
+        loss_fn = build_loss(cfg.loss)  # what the meter logs comes from the loss itself
         for step in range(start, total):
             t0 = time.perf_counter()
             ks = range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
@@ -730,7 +719,7 @@ def train_preference(
                 )
                 # Sum over the step's pairs / their count: every pair weighs the same.
                 accelerator.backward(out.loss.sum() / n_step)
-                meter.add_output(cfg.loss, out)
+                meter.add_output(loss_fn, out)
                 encodes += stats["image_encodes"]
             if world.active:
                 sum_gradients(params, world)  # every rank now holds the global-batch gradient
