@@ -1,4 +1,4 @@
-"""The artifact store: stages share data only through folders on disk (DESIGN.md section 3).
+"""The artifact store: stages share data only through folders on disk (docs/design.md section 3).
 
 Layout::
 

@@ -1,10 +1,11 @@
 """Lesion-mask image corruption for FiRe-MPO's visual-contrastive term (the `corrupt` stage).
 
 The paper corrupts the lesion so that the preference between y+ and y- must reverse under the
-corrupted image v' (DESIGN.md section 1). This package holds the library half of the stage:
+corrupted image v' (docs/design.md section 1). This package holds the library half of the stage:
 
-- :mod:`.ops`       `corrupt(image, mask, kind, seed, **params)`, the stable contract of DESIGN.md
-                    section 5, and the registry of kinds (noise, inpaint, blur, black, crop);
+- :mod:`.ops`       `corrupt(image, mask, kind, seed, **params)`, the stable contract of
+                    docs/design.md section 5, and the registry of kinds (noise, inpaint, blur,
+                    black, crop);
 - :mod:`.masks`     mask sources: mask files, COCO RLE (own decoder), boxes, resizing;
 - :mod:`.segmenter` the prompted-segmenter Protocol and registry, a classical CPU segmenter and
                     the (question, answer) -> prompt rule;

@@ -1,7 +1,7 @@
 """The corrupt stage's library half: the paper's mask fallbacks per record, and a parallel batch.
 
-Per record (DESIGN.md section 1, "Corruption in the paper"), :func:`corrupt_for_record` picks the
-region to corrupt in this order and records the path it took in ``info["path"]``:
+Per record (docs/design.md section 1, "Corruption in the paper"), :func:`corrupt_for_record`
+picks the region to corrupt in this order and records the path it took in ``info["path"]``:
 
 ==================  ======================================================  ====================
 path                when                                                    what is applied
@@ -15,7 +15,7 @@ path                when                                                    what
 ==================  ======================================================  ====================
 
 Noise inside a mask uses `sigma_mask` (45); the whole-image fallbacks use `sigma_whole` (12, the
-value the paper gives for "prompt but nothing found"; DESIGN.md gives no other value for "no
+value the paper gives for "prompt but nothing found"; docs/design.md gives no other value for "no
 prompt", so it is the contract's whole-image sigma too). Report records are corrupted with
 whole-image noise in the paper: the stage passes them with mask None and prompt None. A mask
 without a True pixel counts as no mask (the prompt rules then apply), with

@@ -1,7 +1,8 @@
-"""Image corruption operators and their registry: the `corrupt` contract of DESIGN.md section 5.
+"""Image corruption operators and their registry: the `corrupt` contract, docs/design.md s5.
 
 FiRe-MPO's visual-contrastive term needs a corrupted image v' in which the lesion evidence is
-destroyed, so that the preference between y+ and y- must reverse under v' (DESIGN.md section 1).
+destroyed, so that the preference between y+ and y- must reverse under v' (docs/design.md
+section 1).
 The paper adds zero-mean Gaussian noise, sigma 45 on the 0-255 scale, inside the lesion mask and
 clips; without a mask it adds whole-image noise (sigma 12). The other kinds are the paper's
 ablations (crop, black) and the tools evaluation needs (inpaint removes a lesion, blur smears it).
@@ -343,7 +344,7 @@ CHANGES_OUTSIDE_MASK: frozenset[str] = frozenset({"crop"})
 def corrupt(
     image: np.ndarray, mask: np.ndarray | None, kind: str, seed: int, **params: Any
 ) -> np.ndarray:
-    """Corrupt `image` inside `mask` with the registered op `kind` (DESIGN.md section 5).
+    """Corrupt `image` inside `mask` with the registered op `kind` (docs/design.md section 5).
 
     Args:
         image: uint8 array, HxW (grey) or HxWx3 (RGB). Not modified.

@@ -2,7 +2,7 @@
 (question, answer) -> prompt rule.
 
 In the paper an LLM turns a QA pair into a short segmentation prompt (or "none") and a segmenter
-finds that region, inside which the image is then corrupted (DESIGN.md section 1). Here::
+finds that region, inside which the image is then corrupted (docs/design.md section 1). Here::
 
     from fire_mpo_core.corruption.segmenter import get_segmenter, prompt_from_qa
     prompt = prompt_from_qa("Where is the lesion?", "upper left")   # "lesion in the upper left"

@@ -1,6 +1,6 @@
 """SynthLesion: a generated, medical-like VQA and report benchmark with ground-truth lesion masks.
 
-The embedded default dataset of the pipeline (DESIGN.md section 4). Every scan is a grayscale
+The embedded default dataset of the pipeline (docs/design.md section 4). Every scan is a grayscale
 8-bit image in one of three styles -- ``ct`` (round abdomen outline, soft-tissue texture, bright
 rib rim, spine), ``mri`` (smooth head outline, dark skull, gray/white matter, ventricles) or
 ``x-ray`` (chest PA: dark lungs either side, bright mediastinum and heart, rib and clavicle

@@ -4,7 +4,7 @@
     metrics = evaluate_policy(policy, data_root, EvaluateConfig(), out_dir)
 
 Writes `out_dir/data.jsonl` (one prediction per record), `out_dir/metrics.json` (flat JSON of
-named metrics, DESIGN.md section 5) and, with grounding on, `out_dir/grounding.jsonl` (one row
+named metrics, docs/design.md section 5) and, with grounding on, `out_dir/grounding.jsonl` (one row
 per grounding sample). Metrics (one float each, None where the split has nothing to score):
 
 * answers: `closed_accuracy`, `closed_lesion_accuracy` (closed questions but modality),

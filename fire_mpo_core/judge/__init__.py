@@ -1,6 +1,6 @@
 """Judges: turn on-policy rollouts into minimal-edit preference pairs with span masks.
 
-FiRe-MPO step 1 (DESIGN.md section 1): a judge compares the model's answer with the reference;
+FiRe-MPO step 1 (docs/design.md section 1): a judge compares the model's answer with the reference;
 wrong answers get only the wrong clinical span corrected (chosen), right ones get a plausible wrong
 counterfactual (rejected); the changed spans are marked on both sides.
 

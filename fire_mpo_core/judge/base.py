@@ -1,7 +1,7 @@
 """The judge interface: config, result types, the ``Judge`` protocol and the batch helper.
 
 A judge turns one on-policy rollout of a record into a minimal-edit preference pair (FiRe-MPO
-step 1, DESIGN.md section 1) or a :class:`Rejection` that says why it could not::
+step 1, docs/design.md section 1) or a :class:`Rejection` that says why it could not::
 
     from fire_mpo_core.judge import JudgeConfig, build_judge, judge_rollouts
     judge = build_judge(JudgeConfig(name="rules"), records)   # records: the dataset's VQARecords

@@ -1,6 +1,6 @@
 """The deterministic rules judge: find the answer, decide right or wrong, write a minimal edit.
 
-The paper's two judge steps (FiRe-MPO step 1, DESIGN.md section 1), by rules:
+The paper's two judge steps (FiRe-MPO step 1, docs/design.md section 1), by rules:
 
 **(a) Verdict.** Yes/no answers: the first "yes"/"no" word of the response (the paper's regex
 shortcut), a "no" quantifier counting as "no" ("There is no lesion."); without one, a negation

@@ -6,8 +6,8 @@ Three layers:
 * pure loss modules (:mod:`.objectives`) map per-pair token log-prob sums
   (:class:`PreferenceLogps`) to unreduced per-pair outputs (:class:`LossOutput`);
 * two producers of those sums: the naive path from full logits
-  (:func:`preference_loss_from_logits`, the public contract of DESIGN.md section 5) and the fused
-  path from hidden states and the lm_head weight (:func:`fused_preference_loss`), which never
+  (:func:`preference_loss_from_logits`, the public contract of docs/design.md section 5) and the
+  fused path from hidden states and the lm_head weight (:func:`fused_preference_loss`), which never
   materialises [B, T, V] and agrees with the naive path to float64 precision.
 
 Typical use in a trainer::

@@ -6,8 +6,8 @@ branch (image x response) the per-pair sums of policy and reference token log-pr
 response tokens and over the marked spans, plus the per-pair KL sums on (clean image, y+). The
 loss returns a :class:`LossOutput` of unreduced per-pair tensors ([B]); the trainer takes the mean.
 
-Notation (DESIGN.md section 1): l_theta(t), l_ref(t) are token log-probs, d(t) = l_theta - l_ref,
-r(v, y) = beta * sum_{t in y} d(t), r_M(v, y) = beta * sum_{t in M(y)} d(t).
+Notation (docs/design.md section 1): l_theta(t), l_ref(t) are token log-probs,
+d(t) = l_theta - l_ref, r(v, y) = beta * sum_{t in y} d(t), r_M(v, y) = beta * sum_{t in M(y)} d(t).
 
 Empty spans: a pair whose span mask is empty has r_M = 0 on that branch and a KL sum of 0 over
 M(y+); its span-ranking term is then -log sig(0) = log 2, finite, with zero gradient reaching the

@@ -27,7 +27,7 @@ VisualDirection = Literal["reverse", "v1", "v2"]
 
 
 class LossConfig(BaseModel):
-    """Which preference loss to optimise and its coefficients (DESIGN.md section 1)."""
+    """Which preference loss to optimise and its coefficients (docs/design.md section 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

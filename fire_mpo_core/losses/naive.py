@@ -3,7 +3,7 @@
 The obviously-correct version: a full ``log_softmax`` over the vocabulary, a ``gather`` of the
 label ids, masked sums; the full-vocabulary KL at the chosen positions. It materialises several
 [B, T, V] tensors, so it is the yardstick for :mod:`fire_mpo_core.losses.fused` (which must agree
-with it) and the path for small models. Public contract (DESIGN.md section 5)::
+with it) and the path for small models. Public contract (docs/design.md section 5)::
 
     from fire_mpo_core.losses import LossConfig, preference_loss_from_logits
     loss = preference_loss_from_logits(
@@ -202,7 +202,7 @@ def preference_loss_from_logits(
         has_corrupted: [B] bool, whether pair b has a corrupted image v'.
 
     Returns:
-        Tensor [B]: the unreduced per-pair loss (DESIGN.md section 1), plus
+        Tensor [B]: the unreduced per-pair loss (docs/design.md section 1), plus
         ``cfg.nll_weight`` * NLL(y+ | v) when that weight is non-zero.
     """
     return preference_outputs_from_logits(

@@ -1,4 +1,4 @@
-"""The five preference losses of DESIGN.md section 1, as pure modules over token log-prob sums.
+"""The five preference losses of docs/design.md section 1, as pure modules over token log-prob sums.
 
 Each loss maps a :class:`~fire_mpo_core.losses.base.PreferenceLogps` (tensors [B]) to an unreduced
 :class:`~fire_mpo_core.losses.base.LossOutput` ([B] per field). Build one from a config with

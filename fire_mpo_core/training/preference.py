@@ -1,6 +1,6 @@
 """FiRe-MPO preference training: a LoRA adapter on the policy, trained on minimal-edit pairs.
 
-One optimizer step (DESIGN.md section 1):
+One optimizer step (docs/design.md section 1):
 
 1. B pairs become one padded batch of up to 4B rows, the branches (v, y+), (v, y-), (v', y+),
    (v', y-) (:mod:`fire_mpo_core.training.batching`); each distinct image is encoded once.

@@ -2,11 +2,11 @@
 
 Every preference loss compares the policy with a frozen reference: r(v, y) = beta * sum_{t in y}
 (l_theta(t) - l_ref(t)) and r_M(v, y) = beta * sum_{t in M(y)} (l_theta(t) - l_ref(t))
-(DESIGN.md section 1). The reference terms sum_{t in y} l_ref(t) and sum_{t in M(y)} l_ref(t) do
-not change during a round, so they are computed once, here, for all four branches of every pair,
-and the trainer reads them instead of running the reference on every branch in every step. Only
-the KL terms need the reference's full next-token distribution, and only on (clean image, y+);
-the trainer computes those in-step with the adapter switched off.
+(docs/design.md section 1). The reference terms sum_{t in y} l_ref(t) and sum_{t in M(y)}
+l_ref(t) do not change during a round, so they are computed once, here, for all four branches of
+every pair, and the trainer reads them instead of running the reference on every branch in every
+step. Only the KL terms need the reference's full next-token distribution, and only on (clean
+image, y+); the trainer computes those in-step with the adapter switched off.
 
 The reference is the base policy (``policy.base``) with no adapter, in every round: it is what
 the trainer's ``with model.disable_adapter():`` computes, so artifact and in-step KL agree. A
