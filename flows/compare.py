@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,20 @@ from prefect.artifacts import create_markdown_artifact
 
 from fire_mpo_core.compare import (
     CompareSpec,
+    Job,
     RunResult,
     load_compare,
+    narrow,
     run_average,
     select_grid_point,
+    selection_jobs,
+    shared_key,
+    test_jobs,
     variant_configs,
     write_comparison,
 )
-from fire_mpo_core.config import ConfigError, CycleConfig, StageName
+from fire_mpo_core.config import CycleConfig, StageName
 from fire_mpo_core.corruption.config import CorruptConfig
-from fire_mpo_core.store import canonical_json
 from fire_mpo_core.training.config import ReferenceConfig, TrainConfig
 from flows.full_cycle import TASKS, _Runner, run_cycle
 from tasks.common import StageCall, artifact_key, bind
@@ -62,47 +65,133 @@ class _SetupRunner(_Runner):
         return not (round_ >= 1 and stage in PER_VARIANT)
 
 
-def narrow(
-    spec: CompareSpec, seeds: list[int] | None, methods: list[str] | None, quick: bool
-) -> CompareSpec:
-    """The spec restricted to `seeds` / `methods` (in the config's order); `quick`: one seed,
-    10 steps per variant, output `<name>-quick`. Raises ConfigError on unknown methods."""
-    data = spec.model_dump()
-    if methods:
-        unknown = [m for m in methods if m not in spec.variants]
-        if unknown:
-            raise ConfigError(f"--methods: unknown {unknown}; known: {', '.join(spec.variants)}")
-        data["variants"] = {n: v for n, v in data["variants"].items() if n in methods}
-        if data["baseline"] not in data["variants"]:
-            data["baseline"] = None
-    if seeds:
-        data["seeds"] = seeds
-    if quick:
-        data["seeds"] = data["seeds"][:1]
-        data["train"] = {**data["train"], "max_steps": 10, "save_every": None}
-        data["name"] = f"{spec.name}-quick"
-    return CompareSpec.model_validate(data)
-
-
 def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
 
-def shared_key(train_cfg: TrainConfig, corrupt_cfg: CorruptConfig) -> str:
-    """What a variant's corrupt + reference stages depend on besides the pairs."""
-    return canonical_json([_dump(corrupt_cfg), _dump(ReferenceConfig.for_training(train_cfg))])
+class _ComparisonStages:
+    """Calls the comparison's own stages on top of the cached setup: per seed its pairs
+    (resample), per (pairs, corrupt, reference settings) one corrupt + reference, per job one
+    train + evaluate. Every call is content-keyed, so a rerun computes only what is missing."""
 
+    def __init__(self, cfg: CycleConfig, spec: CompareSpec, runner: _Runner, refresh: bool):
+        self.cfg, self.spec, self.runner, self.refresh = cfg, spec, runner, refresh
+        out = runner.outputs
+        self.data, self.sft, self.eval0 = out[("prepare", 0)], out[("sft", 0)], out[("evaluate", 0)]
+        self.judge = out[("judge", 1)]
+        assert self.data and self.sft and self.eval0 and self.judge  # built by the setup runner
+        base = (self.judge, shared_key(cfg.train, cfg.corrupt))
+        self.shared: dict[tuple[str, str], tuple[str, str]] = {
+            base: (out[("corrupt", 1)], out[("reference", 1)])  # type: ignore[dict-item]
+        }
+        self.pairs_of: dict[int, str] = {}
+        dtype = cfg.model.dtype
+        self.test_eval = {"evaluate": _dump(cfg.evaluate), "dtype": dtype}
+        val = cfg.evaluate.model_copy(update={"split": "val"})
+        self.val_eval = {"evaluate": _dump(val), "dtype": dtype}
+        self.train_t = bind(TASKS["train"], cfg.store)
+        self.eval_t = bind(TASKS["evaluate"], cfg.store)
 
-@dataclass(frozen=True)
-class Job:
-    """One train + evaluate of the comparison: a variant at a grid point, on one seed's pairs."""
+    def resample_pairs(self) -> dict[int, str]:
+        """Per seed its own on-policy pairs: sample -> judge with sample.seed = seed (the
+        cycle's own seed reuses the setup's pairs)."""
+        for seed in self.spec.seeds:
+            if not self.spec.resample or seed == self.cfg.sample.seed:
+                self.pairs_of[seed] = self.judge
+                continue
+            sample_cfg = {
+                "sample": _dump(self.cfg.sample.model_copy(update={"seed": seed})),
+                "dtype": self.cfg.model.dtype,
+            }
+            rollouts = self.runner(
+                "sample", 1, sample_cfg, {"prepare": self.data, "policy": self.sft}
+            )
+            pairs = self.runner(
+                "judge",
+                1,
+                {"judge": _dump(self.cfg.judge)},
+                {"prepare": self.data, "sample": rollouts},
+            )
+            assert rollouts and pairs
+            self.pairs_of[seed] = pairs
+        return self.pairs_of
 
-    variant: str
-    index: int  # grid point index (selection phase)
-    point: dict[str, Any]
-    train: TrainConfig
-    corrupt: CorruptConfig
-    pairs_seed: int
+    def corrupt_and_reference(
+        self, pairs: str, train_cfg: TrainConfig, corrupt_cfg: CorruptConfig
+    ) -> tuple[str, str]:
+        key = (pairs, shared_key(train_cfg, corrupt_cfg))
+        if key not in self.shared:
+            corrupted = self.runner(
+                "corrupt",
+                1,
+                {"corrupt": _dump(corrupt_cfg)},
+                {"prepare": self.data, "judge": pairs},
+            )
+            ref = self.runner(
+                "reference",
+                1,
+                {"reference": _dump(ReferenceConfig.for_training(train_cfg))},
+                {"prepare": self.data, "corrupt": corrupted, "policy": self.sft},
+            )
+            assert corrupted and ref
+            self.shared[key] = (corrupted, ref)
+        return self.shared[key]
+
+    def run_jobs(self, jobs: list[Job], evaluation: dict[str, Any]) -> list[tuple[Job, str, str]]:
+        """Train then evaluate each job, in waves of `workers` (an evaluation's key needs its
+        finished train folder's content digest)."""
+        log = get_run_logger()
+        done: list[tuple[Job, str, str]] = []
+        for i in range(0, len(jobs), self.spec.workers):
+            wave = jobs[i : i + self.spec.workers]
+            trains = []
+            for job in wave:
+                pairs = self.pairs_of[job.pairs_seed]
+                corrupted, ref = self.corrupt_and_reference(pairs, job.train, job.corrupt)
+                inputs = {
+                    "prepare": self.data,
+                    "corrupt": corrupted,
+                    "reference": ref,
+                    "policy": self.sft,
+                }
+                call = _call(self.cfg, "train", {"train": _dump(job.train)}, inputs, self.refresh)
+                trains.append(self.train_t.submit(call))
+            train_dirs = [f.result() for f in trains]
+            evals = [
+                self.eval_t.submit(
+                    _call(
+                        self.cfg,
+                        "evaluate",
+                        evaluation,
+                        {"prepare": self.data, "policy": td, "previous": self.eval0},
+                        self.refresh,
+                    )
+                )
+                for td in train_dirs
+            ]
+            for job, td, ev in zip(wave, train_dirs, evals, strict=True):
+                done.append((job, td, ev.result()))
+                log.info(f"{job.variant} seed {job.train.seed} {job.point}: {ev.result()}")
+        return done
+
+    def select_on_val(
+        self, variants: dict[str, tuple[TrainConfig, CorruptConfig]], points: list[dict]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Grid search on the validation split, the same points for every variant, first
+        seed. Returns (chosen point per variant, the selection record for the summary)."""
+        spec = self.spec
+        scores: dict[str, dict[int, float | None]] = {}
+        jobs = selection_jobs(variants, points, spec.seeds[0])
+        for job, _, ev in self.run_jobs(jobs, self.val_eval):
+            m = json.loads((Path(ev) / "metrics.json").read_text())
+            sc = run_average(m, spec.average) if spec.select == "average" else m.get(spec.select)
+            scores.setdefault(job.variant, {})[job.index] = sc
+        chosen = select_grid_point(scores, points)
+        selection = {
+            n: {"chosen": chosen[n], "val_scores": {str(points[i]): v for i, v in sc.items()}}
+            for n, sc in scores.items()
+        }
+        return chosen, selection
 
 
 @flow(name="fire-mpo-compare")
@@ -135,87 +224,10 @@ def compare(
     cfg.rounds, cfg.stages = 1, None
     runner = _SetupRunner(cfg, refresh=False)
     run_cycle(cfg, runner)
-    out = runner.outputs
-    data, sft, eval0 = out[("prepare", 0)], out[("sft", 0)], out[("evaluate", 0)]
-    judge, base_corrupt = out[("judge", 1)], out[("corrupt", 1)]
-    assert data and sft and eval0 and judge and base_corrupt  # built by the runner above
+    stages = _ComparisonStages(cfg, spec, runner, refresh)
     setup_s = time.monotonic() - t0
     log.info(f"Setup stages ready in {setup_s:.0f} s; {len(spec.variants)} variants x {spec.seeds}")
-
-    # Per seed its own on-policy pairs (resample): sample -> judge with sample.seed = seed. The
-    # cycle's own seed is the setup's, cached.
-    dtype = cfg.model.dtype
-    pairs_of: dict[int, str] = {}
-    for seed in spec.seeds:
-        if not spec.resample or seed == cfg.sample.seed:
-            pairs_of[seed] = judge
-            continue
-        sample_json = _dump(cfg.sample.model_copy(update={"seed": seed}))
-        rollouts = runner(
-            "sample", 1, {"sample": sample_json, "dtype": dtype}, {"prepare": data, "policy": sft}
-        )
-        pairs = runner(
-            "judge", 1, {"judge": _dump(cfg.judge)}, {"prepare": data, "sample": rollouts}
-        )
-        assert rollouts and pairs
-        pairs_of[seed] = pairs
-
-    # (pairs, corrupt config, reference config) -> (corrupt, reference) folders.
-    shared: dict[tuple[str, str], tuple[str, str]] = {}
-    base_key = shared_key(cfg.train, cfg.corrupt)
-    shared[(judge, base_key)] = (base_corrupt, out[("reference", 1)])
-
-    def corrupt_and_reference(pairs: str, train_cfg: TrainConfig, corrupt_cfg: CorruptConfig):
-        key = (pairs, shared_key(train_cfg, corrupt_cfg))
-        if key not in shared:
-            corrupted = runner(
-                "corrupt", 1, {"corrupt": _dump(corrupt_cfg)}, {"prepare": data, "judge": pairs}
-            )
-            ref = runner(
-                "reference",
-                1,
-                {"reference": _dump(ReferenceConfig.for_training(train_cfg))},
-                {"prepare": data, "corrupt": corrupted, "policy": sft},
-            )
-            assert corrupted and ref
-            shared[key] = (corrupted, ref)
-        return shared[key]
-
-    train_t, eval_t = bind(TASKS["train"], cfg.store), bind(TASKS["evaluate"], cfg.store)
-    test_eval = {"evaluate": _dump(cfg.evaluate), "dtype": dtype}
-    val_eval = {"evaluate": _dump(cfg.evaluate.model_copy(update={"split": "val"})), "dtype": dtype}
-
-    def run_jobs(jobs: list[Job], evaluation: dict[str, Any]) -> list[tuple[Job, str, str]]:
-        """Train then evaluate each job, in waves of `workers` (an evaluation's key needs its
-        finished train folder's content digest)."""
-        done: list[tuple[Job, str, str]] = []
-        for i in range(0, len(jobs), spec.workers):
-            wave = jobs[i : i + spec.workers]
-            trains = []
-            for job in wave:
-                corrupted, ref = corrupt_and_reference(
-                    pairs_of[job.pairs_seed], job.train, job.corrupt
-                )
-                inputs = {"prepare": data, "corrupt": corrupted, "reference": ref, "policy": sft}
-                call = _call(cfg, "train", {"train": _dump(job.train)}, inputs, refresh)
-                trains.append(train_t.submit(call))
-            train_dirs = [f.result() for f in trains]
-            evals = [
-                eval_t.submit(
-                    _call(
-                        cfg,
-                        "evaluate",
-                        evaluation,
-                        {"prepare": data, "policy": td, "previous": eval0},
-                        refresh,
-                    )
-                )
-                for td in train_dirs
-            ]
-            for job, td, ev in zip(wave, train_dirs, evals, strict=True):
-                done.append((job, td, ev.result()))
-                log.info(f"{job.variant} seed {job.train.seed} {job.point}: {ev.result()}")
-        return done
+    pairs_of = stages.resample_pairs()
 
     variants = variant_configs(cfg, spec)
     points = spec.grid_points()
@@ -223,62 +235,36 @@ def compare(
     selection: dict[str, dict[str, Any]] = {}
     t1 = time.monotonic()
     if len(points) > 1:
-        # Grid search on the validation split, the same points for every variant, first seed.
-        first = spec.seeds[0]
-        jobs = [
-            Job(name, i, p, tc.model_copy(update={**p, "seed": first}), cc, first)
-            for name, (tc, cc) in variants.items()
-            for i, p in enumerate(points)
-        ]
-        scores: dict[str, dict[int, float | None]] = {}
-        for job, _, ev in run_jobs(jobs, val_eval):
-            m = json.loads((Path(ev) / "metrics.json").read_text())
-            sc = run_average(m, spec.average) if spec.select == "average" else m.get(spec.select)
-            scores.setdefault(job.variant, {})[job.index] = sc
-        chosen = select_grid_point(scores, points)
-        selection = {
-            n: {"chosen": chosen[n], "val_scores": {str(points[i]): v for i, v in sc.items()}}
-            for n, sc in scores.items()
-        }
+        chosen, selection = stages.select_on_val(variants, points)
         log.info(f"Grid selected on val by {spec.select}: {chosen}")
     select_s = time.monotonic() - t1
 
-    # The comparison itself: every variant at its selected point, every seed, on test.
-    jobs = [
-        Job(name, 0, chosen[name], tc.model_copy(update={**chosen[name], "seed": seed}), cc, seed)
-        for name, (tc, cc) in variants.items()
-        for seed in spec.seeds
-    ]
     results = [
         RunResult(variant=job.variant, seed=job.train.seed, train_dir=Path(td), eval_dir=Path(ev))
-        for job, td, ev in run_jobs(jobs, test_eval)
+        for job, td, ev in stages.run_jobs(
+            test_jobs(variants, chosen, spec.seeds), stages.test_eval
+        )
     ]
     runs_s = time.monotonic() - t1 - select_s
 
     out_dir = Path(cfg.store) / cfg.run / "compare" / spec.name
-    write_comparison(
-        results,
-        spec,
-        out_dir,
-        base_eval=eval0,
-        details={
-            "config": config,
-            "store": str(cfg.store),
-            "run": cfg.run,
-            "setup_seconds": round(setup_s, 1),
-            "grid_selection_seconds": round(select_s, 1),
-            "train_evaluate_seconds": round(runs_s, 1),
-            "resample": spec.resample,
-            "grid": spec.grid,
-            "selection": selection,
-            "workers": spec.workers,
-            "sft_base": sft,
-            "pairs": pairs_of,
-        },
-    )
-    report = (out_dir / "report.md").read_text()
+    details = {
+        "config": config,
+        "store": str(cfg.store),
+        "run": cfg.run,
+        "setup_seconds": round(setup_s, 1),
+        "grid_selection_seconds": round(select_s, 1),
+        "train_evaluate_seconds": round(runs_s, 1),
+        "resample": spec.resample,
+        "grid": spec.grid,
+        "selection": selection,
+        "workers": spec.workers,
+        "sft_base": stages.sft,
+        "pairs": pairs_of,
+    }
+    write_comparison(results, spec, out_dir, base_eval=stages.eval0, details=details)
     create_markdown_artifact(
-        report,
+        (out_dir / "report.md").read_text(),
         key=artifact_key(f"{cfg.run}-compare-{spec.name}"),
         description=f"Comparison `{spec.name}` of run `{cfg.run}`",
     )

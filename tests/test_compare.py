@@ -273,7 +273,7 @@ def test_flow_two_variants_two_seeds(prefect_harness, tmp_path):
 
 
 def test_narrow_selects_methods_seeds_and_quick():
-    from flows.compare import narrow
+    from fire_mpo_core.compare import narrow
 
     spec = CompareSpec(
         seeds=[0, 1, 2],
