@@ -105,7 +105,8 @@ def test_stage_closures_have_no_imports_by_string():
 LAYERS = [
     {"schema", "faults", "code_version", "openai_client", "policy"},
     {"store"},
-    {"data", "models", "losses", "corruption"},
+    {"data"},
+    {"models", "losses", "corruption"},
     {"clinical"},
     {"judge", "sampling", "training", "evaluation"},
     {"config", "report"},
