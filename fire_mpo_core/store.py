@@ -191,6 +191,15 @@ def read_manifest(stage_dir: Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+def input_dirs(stage_dir: Path) -> dict[str, Path]:
+    """The input folders a finished stage was built from, as absolute paths. The manifest
+    keeps them relative to the store root (``<run>/round-<k>/<stage>/<key>``), so a store that
+    is moved or copied whole still resolves them; inputs from outside the store stay absolute."""
+    stage_dir = Path(stage_dir)
+    root = stage_dir.resolve().parents[3]  # <root>/<run>/round-<k>/<stage>/<key>
+    return {n: root / v["path"] for n, v in read_manifest(stage_dir)["inputs"].items()}
+
+
 def is_finished(stage_dir: Path) -> bool:
     try:
         read_manifest(stage_dir)
@@ -230,6 +239,14 @@ class ArtifactStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
+
+    def _in_store(self, path: Path) -> str:
+        """A path as a manifest records it: relative to the root when inside the store (so the
+        store can move), else absolute. :func:`input_dirs` reads it back."""
+        path = Path(path).resolve()
+        return (
+            path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
+        )
 
     def stage_root(self, run: str, round_: int, stage: str) -> Path:
         return self.root / run / f"round-{round_}" / stage
@@ -337,7 +354,7 @@ class ArtifactStore:
                     "round": round_,
                     "config": config,
                     "inputs": {
-                        n: {"path": str(p), "key": read_manifest(p)["key"]}
+                        n: {"path": self._in_store(p), "key": read_manifest(p)["key"]}
                         for n, p in sorted(inputs.items())
                     },
                     "code_version": code,

@@ -14,6 +14,7 @@ deleting an artifact reruns the stage.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -107,7 +108,11 @@ class StageCachePolicy(CachePolicy):
             call = StageCall.model_validate(call)
         if call.refresh:
             return None
-        cache_key = f"{call.run}-r{call.round}-{call.stage}-{call.key(self.code)}"
+        # The record's result is the output folder's absolute path, so the key names the store's
+        # location too: a store moved or copied elsewhere finds its folders again (run_stage
+        # returns them without recomputing) instead of a cached path into the old location.
+        where = hashlib.sha256(str(Path(call.store).resolve()).encode()).hexdigest()[:8]
+        cache_key = f"{call.run}-r{call.round}-{call.stage}-{call.key(self.code)}-{where}"
         if not is_finished(call.output_dir(self.code)) and self.key_storage is not None:
             (Path(self.key_storage) / cache_key).unlink(missing_ok=True)
         return cache_key

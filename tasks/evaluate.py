@@ -9,6 +9,7 @@ Metrics are listed in `fire_mpo_core.evaluation.vqa`; with grounding on, the fol
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
@@ -30,6 +31,13 @@ HEADLINE = (
     "blind_accuracy",
     "lesion_attention_ratio",
 )
+
+
+def _in_store(path: Path, store: Path) -> str:
+    """A folder as the report shows it: relative to the store root, so a moved store's report
+    still names the right folder (absolute only when it lies outside the store)."""
+    path, store = Path(path).resolve(), Path(store).resolve()
+    return path.relative_to(store).as_posix() if path.is_relative_to(store) else str(path)
 
 
 def body(call: StageCall, w: StageWriter) -> dict:
@@ -58,7 +66,7 @@ def body(call: StageCall, w: StageWriter) -> dict:
     )
     report = (
         f"# FiRe-MPO evaluation: run `{call.run}`, round {call.round}\n\n"
-        f"Split `{cfg.split}`; policy `{call.inputs['policy']}`.\n\n"
+        f"Split `{cfg.split}`; policy `{_in_store(call.inputs['policy'], call.store)}`.\n\n"
         f"## Across rounds (round 0 = SFT base)\n\n| round | {' | '.join(HEADLINE)} |\n"
         f"|{'---|' * (len(HEADLINE) + 1)}\n{rounds}\n\n"
         f"## All metrics, round {call.round}\n\n| metric | value |\n|---|---|\n{rows}\n"

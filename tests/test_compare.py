@@ -27,7 +27,7 @@ from fire_mpo_core.compare import (
     write_comparison,
 )
 from fire_mpo_core.config import ConfigError
-from fire_mpo_core.store import read_manifest
+from fire_mpo_core.store import input_dirs, read_manifest
 from tests.test_flow import SMALL
 
 AVG = ["closed_accuracy", "open_recall"]
@@ -250,12 +250,12 @@ def test_flow_two_variants_two_seeds(prefect_harness, tmp_path):
     assert [m["config"]["train"]["loss"]["name"] for m in man] == ["dpo"] * 2 + ["fire_mpo"] * 2
     # Each seed has its own on-policy pairs (resample: sample.seed = seed), shared by the
     # variants; the corruption-kind variant trained on its own corrupt folder (kind black).
-    corrupt = [Path(m["inputs"]["corrupt"]["path"]) for m in man]
+    corrupt = [input_dirs(t)["corrupt"] for t in trains]
     assert len(set(corrupt)) == 4
-    pairs = [read_manifest(c)["inputs"]["judge"]["path"] for c in corrupt]
+    pairs = [input_dirs(c)["judge"] for c in corrupt]
     assert pairs[0] == pairs[2] != pairs[1] == pairs[3]
-    rollouts = read_manifest(Path(pairs[1]))["inputs"]["sample"]["path"]
-    assert read_manifest(Path(rollouts))["config"]["sample"]["seed"] == 1
+    rollouts = input_dirs(pairs[1])["sample"]
+    assert read_manifest(rollouts)["config"]["sample"]["seed"] == 1
     assert [read_manifest(c)["config"]["corrupt"]["kind"] for c in corrupt[2:]] == ["black"] * 2
     for r in rows:
         metrics = json.loads((Path(r["eval_dir"]) / "metrics.json").read_text())

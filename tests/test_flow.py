@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fire_mpo_core.store import read_manifest
+from fire_mpo_core.policy import adapter_base
+from fire_mpo_core.store import input_dirs, read_manifest
 from flows.full_cycle import fire_mpo, main
 from tests.conftest import task_states
 
@@ -107,7 +108,7 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     assert sorted(first) == ALL_RUNS
     assert set(first.values()) == {"Completed"}
     # Round 1 sampled from the SFT policy and trained on the corrupted pairs.
-    train_dir = Path(read_manifest(metrics_path.parent)["inputs"]["policy"]["path"])
+    train_dir = input_dirs(metrics_path.parent)["policy"]
     train_inputs = read_manifest(train_dir)["inputs"]
     assert set(train_inputs) == {"prepare", "corrupt", "reference", "policy"}
     assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -131,8 +132,8 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
 
     # Deleting one stage's output reruns it, and only it: its content is rebuilt identically, so
     # the downstream keys are unchanged and stay cached.
-    judge_dir = Path(read_manifest(train_dir)["inputs"]["corrupt"]["path"])
-    judge_dir = Path(read_manifest(judge_dir)["inputs"]["judge"]["path"])
+    judge_dir = input_dirs(train_dir)["corrupt"]
+    judge_dir = input_dirs(judge_dir)["judge"]
     shutil.rmtree(judge_dir)
     third = fire_mpo(config=str(small_config), return_state=True)
     states = _task_states(third.state_details.flow_run_id)
@@ -153,7 +154,7 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
 
     # Refreshing a deterministic stage rebuilds the same results: its TensorBoard events and
     # timings differ, but they are not in its content digest, so nothing downstream reruns.
-    train_r1 = Path(read_manifest(Path(fourth.result()).parent)["inputs"]["policy"]["path"])
+    train_r1 = input_dirs(Path(fourth.result()).parent)["policy"]
     before = read_manifest(train_r1)
     assert list(train_r1.glob("tensorboard/**/events.out.tfevents.*"))
     fire_mpo(config=str(small_config), stages=["train"], refresh=True)
@@ -162,6 +163,30 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     assert after["content_digest"] == before["content_digest"]  # ... to the same results
     fifth = fire_mpo(config=str(small_config), return_state=True)
     assert _task_states(fifth.state_details.flow_run_id) == CACHED_RUN
+
+    # A store moved elsewhere is found again whole: nothing is recomputed, and no path inside
+    # it points back at the old location (manifests, the adapter's base, the report).
+    old_store = Path(yaml.safe_load(small_config.read_text())["store"])
+    finished = {m: m.stat().st_mtime_ns for m in old_store.rglob("manifest.json")}
+    moved = old_store.with_name("moved-store")
+    shutil.move(old_store, moved)
+    sixth = fire_mpo(config=str(small_config), store=str(moved), return_state=True)
+    assert sixth.is_completed()
+    for m, mtime in finished.items():
+        assert (moved / m.relative_to(old_store)).stat().st_mtime_ns == mtime  # not rebuilt
+    new_metrics = Path(sixth.result())
+    assert new_metrics.is_relative_to(moved)
+    new_train = input_dirs(new_metrics.parent)["policy"]
+    assert new_train.is_relative_to(moved) and new_train.is_dir()
+    adapter = new_train / "adapter"
+    assert not Path(
+        json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    ).is_absolute()
+    assert Path(adapter_base(adapter)).is_relative_to(moved.resolve())
+    assert Path(adapter_base(adapter), "config.json").is_file()
+    for f in moved.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".md") and "_prefect" not in f.parts:
+            assert str(old_store) not in f.read_text(errors="ignore"), f
 
 
 def test_stages_subset_and_missing_inputs(prefect_harness, small_config, tmp_path):

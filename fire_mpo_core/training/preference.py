@@ -69,7 +69,7 @@ from fire_mpo_core.losses.naive import (
 from fire_mpo_core.losses.objectives import build_loss
 from fire_mpo_core.models import IGNORE_INDEX, load_model, load_processor
 from fire_mpo_core.models.families import ImageFeatures, family_of
-from fire_mpo_core.policy import PolicyRef
+from fire_mpo_core.policy import PolicyRef, make_adapter_relocatable
 from fire_mpo_core.training.batching import (
     BranchBatch,
     ImageCache,
@@ -776,6 +776,7 @@ def train_preference(
     adapters = len(adapted_modules(peft_model))
     if world.is_main:
         peft_model.save_pretrained(str(adapter_dir))
+        make_adapter_relocatable(adapter_dir)  # no absolute store path inside the store
         if merged_dir is not None:
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(str(merged_dir))
