@@ -7,7 +7,7 @@ and the lm_head weight, forward + backward, float32 on CPU:
 * naive: logits = h W^T for every branch ([B, T, V] each), then
   ``preference_loss_from_logits`` with the reference logits (also [B, T, V] per branch, built
   beforehand under no_grad, as that contract requires them);
-* fused: ``fused_preference_loss`` on the same hidden states, with the reference's per-branch
+* fused: ``preference_loss_from_hidden`` on the same hidden states, with the reference's per-branch
   log-prob sums precomputed (the per-round artifact) and the reference's hidden states at the
   span rows of (clean, y+).
 
@@ -102,9 +102,9 @@ def _worker(args) -> dict:
     from fire_mpo_core.losses import (
         BRANCHES,
         LossConfig,
-        fused_preference_loss,
         pack_branch,
         pack_rows,
+        preference_loss_from_hidden,
         preference_loss_from_logits,
         reference_logp_sums,
     )
@@ -134,7 +134,9 @@ def _worker(args) -> dict:
             branches = {
                 k: pack_branch(hidden[k], labels[k], spans[k], *ref_sums[k]) for k in BRANCHES
             }
-            loss = fused_preference_loss(cfg, branches, weight, hc, reference_kl_hidden=ref_kl)
+            loss = preference_loss_from_hidden(
+                cfg, branches, weight, hc, reference_kl_hidden=ref_kl
+            )
             loss.mean().backward()
             return loss
 
@@ -269,7 +271,7 @@ def _report(args, naive: dict, fused: dict, scaling: list[dict], wall: float) ->
         f"| naive (`preference_loss_from_logits`) | {pn / GB:.2f} GiB (incl. reference logits "
         f"{naive['reference_input_bytes'] / GB:.2f} GiB) | {tn:.1f} s | {cn:.1f} s "
         f"| {_fmt_steps(naive)} |",
-        f"| fused (`fused_preference_loss`) | {pf / GB:.2f} GiB | {tf:.1f} s | {cf:.1f} s "
+        f"| fused (`preference_loss_from_hidden`) | {pf / GB:.2f} GiB | {tf:.1f} s | {cf:.1f} s "
         f"| {_fmt_steps(fused)} |",
         f"| **fused / naive** | **{pf / pn:.1%}** (goal <= 15%) | **{tf / tn:.2f}x** "
         f"(goal <= 1.3x) | **{cf / cn:.2f}x** | |",

@@ -16,11 +16,11 @@ from fire_mpo_core.losses import (
     BRANCHES,
     IGNORE_INDEX,
     LossConfig,
-    fused_preference_loss,
-    fused_preference_outputs,
     fused_token_stats,
     pack_branch,
     pack_rows,
+    preference_loss_from_hidden,
+    preference_outputs_from_hidden,
     preference_outputs_from_logits,
     reference_logp_sums,
 )
@@ -103,7 +103,7 @@ class Problem:
         return rows
 
     def fused(self, cfg, has_corrupted, chunk_size, kl_on="spans"):
-        return fused_preference_outputs(
+        return preference_outputs_from_hidden(
             cfg,
             self.fused_branches(),
             self.weight,
@@ -168,10 +168,12 @@ def test_reference_hidden_for_all_rows_or_kl_rows_only():
     args = (cfg, p.fused_branches(), p.weight, hc)
     kw = {"lm_head_bias": p.bias, "reference_lm_head_weight": p.ref_weight,
           "reference_lm_head_bias": p.ref_bias, "chunk_size": 4}  # fmt: skip
-    span_only = fused_preference_loss(
+    span_only = preference_loss_from_hidden(
         *args, reference_kl_hidden=p.reference_kl_hidden("spans"), **kw
     )
-    all_rows = fused_preference_loss(*args, reference_kl_hidden=p.reference_kl_hidden("all"), **kw)
+    all_rows = preference_loss_from_hidden(
+        *args, reference_kl_hidden=p.reference_kl_hidden("all"), **kw
+    )
     torch.testing.assert_close(span_only, all_rows, rtol=0, atol=0)
     torch.testing.assert_close(span_only, p.naive(cfg, hc).loss, rtol=0, atol=1e-10)
 
@@ -238,7 +240,7 @@ def test_reference_side_gets_no_gradient():
     cfg = LossConfig(name="fire_mpo", alpha=1.0)
     hc = torch.tensor([True, False, True])
     ref_kl = p.reference_kl_hidden("spans").clone().requires_grad_(True)
-    loss = fused_preference_loss(
+    loss = preference_loss_from_hidden(
         cfg, p.fused_branches(), p.weight, hc, lm_head_bias=p.bias, reference_kl_hidden=ref_kl
     )
     loss.sum().backward()
@@ -259,7 +261,7 @@ def test_empty_spans_are_finite_on_the_fused_path():
 def test_missing_reference_kl_hidden_is_an_error():
     p = Problem(seed=9)
     with pytest.raises(ValueError, match="reference_kl_hidden"):
-        fused_preference_loss(
+        preference_loss_from_hidden(
             LossConfig(name="rrpo"), p.fused_branches(), p.weight, torch.tensor([False] * 3)
         )
 
@@ -297,7 +299,7 @@ def test_fused_never_materialises_rows_times_vocab(weight_grad):
     ref_kl = torch.randn(int(cc.span_mask.sum()), h_dim, generator=g)
     hc = torch.tensor([True, False, True, True])
     with _MaxNumel() as probe:
-        loss = fused_preference_loss(
+        loss = preference_loss_from_hidden(
             LossConfig(name="fire_mpo", chunk_size=chunk), branches, weight, hc,
             reference_kl_hidden=ref_kl,
         )  # fmt: skip
@@ -320,7 +322,7 @@ def test_low_precision_inputs_follow_the_float64_result(dtype, tol, cos_tol):
         k: replace(br, hidden=br.hidden.detach().to(dtype).requires_grad_(True))
         for k, br in p.fused_branches().items()
     }
-    fused = fused_preference_loss(
+    fused = preference_loss_from_hidden(
         cfg, branches, p.weight.detach().to(dtype), hc,
         reference_kl_hidden=p.reference_kl_hidden("spans").to(dtype), chunk_size=5,
     )  # fmt: skip

@@ -52,7 +52,7 @@ def test_open_metrics_hand_worked():
 
 
 def test_bleu_hand_worked():
-    from fire_mpo_core.evaluation.reports import bleu
+    from fire_mpo_core.evaluation.report_metrics import bleu
 
     # pred  "the cat sat on the mat" vs ref "the cat sat on a mat" (equal length: BP = 1).
     # Clipped n-gram precisions: 1-gram 5/6 ("the" twice vs once), 2-gram 3/5, 3-gram 2/4,
@@ -64,7 +64,7 @@ def test_bleu_hand_worked():
 
 
 def test_rouge_l_and_report_metrics_hand_worked():
-    from fire_mpo_core.evaluation.reports import report_metrics, rouge_l
+    from fire_mpo_core.evaluation.report_metrics import report_metrics, rouge_l
 
     # Stemmed tokens: LCS("the lung are clear", "lung were clear") = [lung, clear] = 2,
     # P = 2/4, R = 2/3, F = 2PR / (P + R) = 4/7.

@@ -11,7 +11,7 @@ per grounding sample). Metrics (one float each, None where the split has nothing
   `closed_modality_accuracy` (each with `_n`, `_ci_low`, `_ci_high`: 95% Wilson),
   `open_exact_match`, `open_recall`, `open_f1`, per question type (`closed_<type>_accuracy`,
   `open_<type>_exact`), counts `n_closed`, `n_open`, `n_report`;
-* reports (`evaluation.reports`): `report_bleu`, `report_rouge_l`, `report_token_f1`,
+* reports (`evaluation.report_metrics`): `report_bleu`, `report_rouge_l`, `report_token_f1`,
   `clinical_precision`, `clinical_recall`, `clinical_f1`;
 * grounding (`evaluation.grounding`, `EvaluateConfig.grounding`): the headline
   `grounded_accuracy` (right on v and on v' with the lesion removed), `keep_accuracy`,
@@ -40,7 +40,7 @@ from fire_mpo_core.evaluation.llm_judge import (
     judge_open_answers,
 )
 from fire_mpo_core.evaluation.metrics import closed_correct, exact_match, token_f1, token_recall
-from fire_mpo_core.evaluation.reports import report_metrics
+from fire_mpo_core.evaluation.report_metrics import report_metrics
 from fire_mpo_core.evaluation.stats import rate_with_ci
 from fire_mpo_core.models import generate, load_model, load_processor
 from fire_mpo_core.policy import PolicyRef

@@ -7,8 +7,8 @@ Three layers:
   (:class:`PreferenceLogps`) to unreduced per-pair outputs (:class:`LossOutput`);
 * two producers of those sums: the naive path from full logits
   (:func:`preference_loss_from_logits`, the public contract of docs/design.md section 5) and the
-  fused path from hidden states and the lm_head weight (:func:`fused_preference_loss`), which never
-  materialises [B, T, V] and agrees with the naive path to float64 precision.
+  fused path from hidden states and the lm_head weight (:func:`preference_loss_from_hidden`),
+  which never materialises [B, T, V] and agrees with the naive path to float64 precision.
 
 Typical use in a trainer::
 
@@ -28,12 +28,12 @@ from fire_mpo_core.losses.base import (
 from fire_mpo_core.losses.config import LossConfig
 from fire_mpo_core.losses.fused import (
     FusedBranch,
-    fused_preference_loss,
-    fused_preference_outputs,
     fused_token_stats,
     pack_branch,
     pack_rows,
-    preference_logps_fused,
+    preference_logps_from_hidden,
+    preference_loss_from_hidden,
+    preference_outputs_from_hidden,
     reference_logp_sums,
 )
 from fire_mpo_core.losses.naive import (
@@ -68,14 +68,14 @@ __all__ = [
     "PreferenceLoss",
     "RRPOLoss",
     "build_loss",
-    "fused_preference_loss",
-    "fused_preference_outputs",
     "fused_token_stats",
     "pack_branch",
     "pack_rows",
+    "preference_logps_from_hidden",
     "preference_logps_from_logits",
-    "preference_logps_fused",
+    "preference_loss_from_hidden",
     "preference_loss_from_logits",
+    "preference_outputs_from_hidden",
     "preference_outputs_from_logits",
     "reference_logp_sums",
 ]

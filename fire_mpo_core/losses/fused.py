@@ -29,14 +29,14 @@ flows into it, exactly as the naive path detaches the reference logits.
 
 Usage (packing [B, T, H] hidden states whose position t scores ``labels[:, t]``)::
 
-    from fire_mpo_core.losses import LossConfig, fused_preference_loss, pack_branch
+    from fire_mpo_core.losses import LossConfig, preference_loss_from_hidden, pack_branch
     branches = {
         key: pack_branch(hidden[key], labels[key], span_masks[key], ref_sum[key], ref_span[key])
         for key in ("clean_chosen", "clean_rejected", "corrupt_chosen", "corrupt_rejected")
     }
     cc_labels, cc_spans = labels["clean_chosen"], span_masks["clean_chosen"]
     ref_kl_hidden = ref_hidden_clean_chosen[(cc_labels != -100) & cc_spans]   # [N_kl, H]
-    loss = fused_preference_loss(cfg, branches, lm_head.weight, has_corrupted,
+    loss = preference_loss_from_hidden(cfg, branches, lm_head.weight, has_corrupted,
                                  reference_kl_hidden=ref_kl_hidden)          # Tensor[B]
 """
 
@@ -397,7 +397,7 @@ def _pair_sums(values: Tensor, pair_index: Tensor, span: Tensor, num_pairs: int)
     return full, spans
 
 
-def preference_logps_fused(
+def preference_logps_from_hidden(
     loss_fn: PreferenceLoss,
     branches: Mapping[str, FusedBranch],
     lm_head_weight: Tensor,
@@ -484,7 +484,7 @@ def preference_logps_fused(
     )
 
 
-def fused_preference_outputs(
+def preference_outputs_from_hidden(
     cfg: LossConfig,
     branches: Mapping[str, FusedBranch],
     lm_head_weight: Tensor,
@@ -498,7 +498,7 @@ def fused_preference_outputs(
 ) -> LossOutput:
     """The loss named by ``cfg`` with its logging parts, from hidden states (fields [B])."""
     loss_fn = build_loss(cfg)
-    logps = preference_logps_fused(
+    logps = preference_logps_from_hidden(
         loss_fn,
         branches,
         lm_head_weight,
@@ -512,7 +512,7 @@ def fused_preference_outputs(
     return loss_fn(logps)
 
 
-def fused_preference_loss(
+def preference_loss_from_hidden(
     cfg: LossConfig,
     branches: Mapping[str, FusedBranch],
     lm_head_weight: Tensor,
@@ -539,7 +539,7 @@ def fused_preference_loss(
         reference_lm_head_weight, reference_lm_head_bias: the reference's lm_head when it differs
             (default: the policy's, detached).
     """
-    return fused_preference_outputs(
+    return preference_outputs_from_hidden(
         cfg,
         branches,
         lm_head_weight,

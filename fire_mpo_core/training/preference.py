@@ -60,7 +60,7 @@ from transformers import get_cosine_schedule_with_warmup
 from fire_mpo_core.data.records import PreferencePair
 from fire_mpo_core.losses.base import BranchLogps, LossOutput, PreferenceLogps, PreferenceLoss
 from fire_mpo_core.losses.config import LossConfig
-from fire_mpo_core.losses.fused import FusedBranch, fused_preference_outputs
+from fire_mpo_core.losses.fused import FusedBranch, preference_outputs_from_hidden
 from fire_mpo_core.losses.naive import (
     kl_per_position,
     preference_outputs_from_logits,
@@ -344,7 +344,7 @@ def score_batch(
             lab_cc = labels_all[cc_rows, : ref_width - 1]
             ref_h = ref_hidden if reference_on_cc else ref_hidden[cc_rows]
             ref_kl = ref_h[:, : ref_width - 1][lab_cc != IGNORE_INDEX].to(weight.dtype)
-        out = fused_preference_outputs(
+        out = preference_outputs_from_hidden(
             loss_cfg,
             branches,
             weight,

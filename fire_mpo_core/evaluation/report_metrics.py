@@ -4,7 +4,7 @@ Both libraries are the reference implementations and run offline: sacrebleu's ``
 tokenizer and rouge-score's own tokenizer with the Porter stemmer are pure code (no NLTK data,
 no Hub downloads)::
 
-    from fire_mpo_core.evaluation.reports import report_metrics
+    from fire_mpo_core.evaluation.report_metrics import report_metrics
     report_metrics(predictions, references)
     # {'report_bleu': 0.31, 'report_rouge_l': 0.52, 'report_token_f1': 0.48,
     #  'clinical_precision': ..., 'clinical_recall': ..., 'clinical_f1': ...}
