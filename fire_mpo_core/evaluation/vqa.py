@@ -78,6 +78,10 @@ def score(record_answer_type: str, prediction: str, answer: str) -> dict[str, fl
     }
 
 
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
 def evaluate_policy(
     policy: PolicyRef,
     data_root: Path,
@@ -86,21 +90,10 @@ def evaluate_policy(
     dtype: str = "float32",
     on_reject=None,
 ) -> dict[str, Any]:
-    records = load_records(data_root, splits=(cfg.split,), on_reject=on_reject)
-    if cfg.max_samples:
-        records = records[: cfg.max_samples]
-    # An unreadable image costs its record (a reject naming the file), not the evaluation.
-    images, kept = [], []
-    for r in records:
-        try:
-            images.append(open_image(data_root, r.image))
-        except ValueError as e:
-            if on_reject is None:
-                raise
-            on_reject(r.id, str(e))
-            continue
-        kept.append(r)
-    records = kept
+    """Generate an answer per record of ``cfg.split``, score it, and write ``data.jsonl``
+    (per record), ``metrics.json`` and, with grounding on, ``grounding.jsonl`` into
+    ``out_dir``. Returns the metrics plus ``samples_per_second`` (kept out of metrics.json)."""
+    records, images = _readable_records(data_root, cfg, on_reject)
     model, processor = load_policy(policy, dtype)
     t0 = time.perf_counter()
     preds = generate(
@@ -112,35 +105,78 @@ def evaluate_policy(
         batch_size=cfg.batch_size,
     )
     seconds = time.perf_counter() - t0
-    rows, by_type = [], defaultdict(lambda: defaultdict(list))
-    for r, outs in zip(records, preds, strict=True):
-        s = score(r.answer_type, outs[0], r.answer)
-        rows.append(
-            {
-                "id": r.id,
-                "answer_type": r.answer_type,
-                "question_type": r.question_type,
-                "question": r.question,
-                "answer": r.answer,
-                "prediction": outs[0],
-                **s,
-            }
+    rows = [_scored_row(r, outs[0]) for r, outs in zip(records, preds, strict=True)]
+    metrics = answer_metrics(records, rows)
+    reports = [(r, row["prediction"]) for r, row in zip(records, rows) if r.answer_type == "report"]
+    rep = report_metrics([p for _, p in reports], [r.answer for r, _ in reports])
+    for k in REPORT_KEYS:
+        metrics[k] = round(rep[k], 4) if k in rep else None
+    metrics |= _llm_judged(cfg, records, rows, reports, on_reject)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.grounding:
+        predictions = {row["id"]: row["prediction"] for row in rows}
+        g_metrics, g_rows = measure_grounding(
+            model, processor, data_root, records, predictions, cfg
         )
-        for k, v in s.items():
-            by_type[r.answer_type][k].append(v)
-            by_type[f"{r.answer_type}/{r.question_type}"][k].append(v)
-    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+        metrics.update(g_metrics)
+        write_jsonl(out_dir / "grounding.jsonl", g_rows)
+    write_jsonl(out_dir / "data.jsonl", rows)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # Timing stays out of metrics.json: the stage's content (and so every downstream key) must
+    # not change when an evaluation is recomputed. The caller puts it in the manifest.
+    return {**metrics, "samples_per_second": round(len(records) / max(seconds, 1e-9), 2)}
+
+
+def _readable_records(data_root: Path, cfg: EvaluateConfig, on_reject) -> tuple[list, list]:
+    """The split's records whose image opens, with the images. An unreadable image costs its
+    record (a reject naming the file), not the evaluation."""
+    records = load_records(data_root, splits=(cfg.split,), on_reject=on_reject)
+    if cfg.max_samples:
+        records = records[: cfg.max_samples]
+    images, kept = [], []
+    for r in records:
+        try:
+            images.append(open_image(data_root, r.image))
+        except ValueError as e:
+            if on_reject is None:
+                raise
+            on_reject(r.id, str(e))
+            continue
+        kept.append(r)
+    return kept, images
+
+
+def _scored_row(r, prediction: str) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "answer_type": r.answer_type,
+        "question_type": r.question_type,
+        "question": r.question,
+        "answer": r.answer,
+        "prediction": prediction,
+        **score(r.answer_type, prediction, r.answer),
+    }
+
+
+def answer_metrics(records: list, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Closed accuracy (overall, lesion questions, modality: each with n and a 95% Wilson
+    interval), open exact / recall / F1, and the same per question type."""
+    by_type: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r, row in zip(records, rows, strict=True):
+        for k in ("correct", "exact", "recall", "f1"):
+            if k in row:
+                by_type[r.answer_type][k].append(row[k])
+                by_type[f"{r.answer_type}/{r.question_type}"][k].append(row[k])
     metrics: dict[str, Any] = {
-        "closed_accuracy": mean(by_type["closed"]["correct"]),
-        "open_exact_match": mean(by_type["open"]["exact"]),
-        "open_recall": mean(by_type["open"]["recall"]),
-        "open_f1": mean(by_type["open"]["f1"]),
+        "closed_accuracy": _mean(by_type["closed"]["correct"]),
+        "open_exact_match": _mean(by_type["open"]["exact"]),
+        "open_recall": _mean(by_type["open"]["recall"]),
+        "open_f1": _mean(by_type["open"]["f1"]),
         "n_closed": len(by_type["closed"]["correct"]),
         "n_open": len(by_type["open"]["exact"]),
         "n_report": len(by_type["report"]["f1"]),
     }
-    # Lesion questions apart from modality (a global feature the base always gets right), each
-    # with n and a 95% Wilson interval, as is the overall closed accuracy.
+    # Lesion questions apart from modality (a global feature the base always gets right).
     closed_rows = [(r, row) for r, row in zip(records, rows) if r.answer_type == "closed"]
     metrics |= rate_with_ci("closed_accuracy", [bool(row["correct"]) for _, row in closed_rows])
     metrics |= rate_with_ci(
@@ -155,13 +191,16 @@ def evaluate_policy(
     for name, vals in sorted(by_type.items()):
         kind, _, qtype = name.partition("/")
         if qtype and kind == "closed":
-            metrics[f"closed_{qtype}_accuracy"] = mean(vals["correct"])
+            metrics[f"closed_{qtype}_accuracy"] = _mean(vals["correct"])
         elif qtype and kind == "open":
-            metrics[f"open_{qtype}_exact"] = mean(vals["exact"])
-    reports = [(r, row["prediction"]) for r, row in zip(records, rows) if r.answer_type == "report"]
-    rep = report_metrics([p for _, p in reports], [r.answer for r, _ in reports])
-    for k in REPORT_KEYS:
-        metrics[k] = round(rep[k], 4) if k in rep else None
+            metrics[f"open_{qtype}_exact"] = _mean(vals["exact"])
+    return metrics
+
+
+def _llm_judged(cfg: EvaluateConfig, records, rows, reports, on_reject) -> dict[str, Any]:
+    """Open answers judged by an LLM and reports scored GREEN-style, when configured; the
+    per-record verdicts are added to ``rows``."""
+    metrics: dict[str, Any] = {}
     if cfg.llm_judge is not None:
         items = [
             OpenItem(r.id, r.question, r.answer, row["prediction"])
@@ -172,7 +211,7 @@ def evaluate_policy(
         for row in rows:
             if row["id"] in verdicts:
                 row["llm_correct"] = verdicts[row["id"]]
-        metrics["open_llm_accuracy"] = mean([float(v) for v in verdicts.values()])
+        metrics["open_llm_accuracy"] = _mean([float(v) for v in verdicts.values()])
         metrics["n_open_llm_judged"] = len(verdicts)
     if cfg.green is not None:
         items = [ReportItem(r.id, r.answer, p) for r, p in reports]
@@ -180,22 +219,6 @@ def evaluate_policy(
         for row in rows:
             if row["id"] in green:
                 row["green"] = green[row["id"]]
-        metrics["report_green"] = mean([g["green"] for g in green.values()])
+        metrics["report_green"] = _mean([g["green"] for g in green.values()])
         metrics["n_report_green"] = len(green)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.grounding:
-        g_metrics, g_rows = measure_grounding(
-            model,
-            processor,
-            data_root,
-            records,
-            {row["id"]: row["prediction"] for row in rows},
-            cfg,
-        )
-        metrics.update(g_metrics)
-        write_jsonl(out_dir / "grounding.jsonl", g_rows)
-    write_jsonl(out_dir / "data.jsonl", rows)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    # Timing stays out of metrics.json: the stage's content (and so every downstream key) must
-    # not change when an evaluation is recomputed. The caller puts it in the manifest.
-    return {**metrics, "samples_per_second": round(len(records) / max(seconds, 1e-9), 2)}
+    return metrics
