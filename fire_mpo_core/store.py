@@ -320,22 +320,7 @@ class ArtifactStore:
         with self._lock(final.parent / f".{key}.lock"):
             if not refresh and is_finished(final):
                 return StageResult(final, key, True, read_manifest(final))
-            # Holding the key's lock, every other working folder of this key is a dead
-            # process's leftover (a kill leaves them; nothing else writes them).
-            for stale in [*final.parent.glob(f".tmp-{key}-*"), *final.parent.glob(f".old-{key}-*")]:
-                shutil.rmtree(stale, ignore_errors=True)
-            if resumable:
-                tmp = final.parent / f".partial-{key}"
-                if refresh:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True, exist_ok=True)
-                # A kill after the manifest (or mid-way through writing it) must not leave its
-                # files in the digest of the resumed output.
-                for leftover in [tmp / MANIFEST, *tmp.glob(f".{MANIFEST}.*")]:
-                    leftover.unlink(missing_ok=True)
-            else:
-                tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-                tmp.mkdir(parents=True)
+            tmp = self._working_dir(final, key, resumable, refresh)
             try:
                 writer = StageWriter(tmp)
                 t0, started = time.perf_counter(), time.time()
@@ -366,21 +351,47 @@ class ArtifactStore:
                 }
                 _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
                 fault_point("store.before_rename")
-                if final.exists():  # unfinished leftovers (no manifest) or a forced refresh
-                    # Moved aside in one rename, not deleted in place: a kill in the middle of
-                    # a delete could leave a folder that still has its manifest but lost files.
-                    old = final.parent / f".old-{key}-{uuid.uuid4().hex[:8]}"
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
+                _move_into_place(tmp, final, key)
                 fault_point("store.after_rename")
             except BaseException:
                 if not resumable:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
         return StageResult(final, key, False, manifest)
+
+    @staticmethod
+    def _working_dir(final: Path, key: str, resumable: bool, refresh: bool) -> Path:
+        """The folder a stage builds in (the caller holds the key's lock). Every other working
+        folder of this key is a dead process's leftover (a kill leaves them; nothing else
+        writes them). Resumable: `.partial-<key>`, kept across failures; else a fresh one."""
+        for stale in [*final.parent.glob(f".tmp-{key}-*"), *final.parent.glob(f".old-{key}-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        if not resumable:
+            tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            return tmp
+        tmp = final.parent / f".partial-{key}"
+        if refresh:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # A kill after the manifest (or mid-way through writing it) must not leave its files in
+        # the digest of the resumed output.
+        for leftover in [tmp / MANIFEST, *tmp.glob(f".{MANIFEST}.*")]:
+            leftover.unlink(missing_ok=True)
+        return tmp
+
+
+def _move_into_place(tmp: Path, final: Path, key: str) -> None:
+    """Rename a finished working folder to its final name. Unfinished leftovers (no manifest)
+    or a forced refresh's old folder are moved aside in one rename, not deleted in place: a kill
+    in the middle of a delete could leave a folder that still has its manifest but lost files."""
+    if final.exists():
+        old = final.parent / f".old-{key}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 class TooManyRejects(RuntimeError):
