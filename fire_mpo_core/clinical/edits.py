@@ -160,3 +160,14 @@ def changed_words(a: str, b: str) -> int:
     sm = SequenceMatcher(None, wa, wb, autojunk=False)
     matched = sum(m.size for m in sm.get_matching_blocks())
     return max(len(wa), len(wb)) - matched
+
+
+def outside_spans(text: str, spans: list[Span]) -> list[str]:
+    """The pieces of ``text`` between sorted, non-overlapping spans (before the first, between
+    each two, after the last): what a minimal edit must leave byte-identical."""
+    out, pos = [], 0
+    for s, e in spans:
+        out.append(text[pos:s])
+        pos = e
+    out.append(text[pos:])
+    return out

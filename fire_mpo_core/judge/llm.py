@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fire_mpo_core.clinical.edits import Span, outside_spans
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge.base import JudgeResult, Rejection
 from fire_mpo_core.judge.config import PROMPT_DIR, PROMPT_NAME, JudgeConfig, LLMJudgeConfig
@@ -187,7 +188,6 @@ def _parse_reply(content: str | None) -> JudgeReply:
 
 # --------------------------------------------------------------------------- spans
 
-Span = tuple[int, int]
 _MAX_SEARCH_STEPS = 10_000
 
 
@@ -214,15 +214,6 @@ def _trim(a: str, b: str) -> tuple[Span, Span]:
         (ta[p].start(), ta[len(ta) - 1 - s].end()),
         (tb[p].start(), tb[len(tb) - 1 - s].end()),
     )
-
-
-def _outside(text: str, spans: list[Span]) -> list[str]:
-    out, pos = [], 0
-    for s, e in spans:
-        out.append(text[pos:s])
-        pos = e
-    out.append(text[pos:])
-    return out
 
 
 def locate_changes(
@@ -280,7 +271,7 @@ def locate_changes(
         trim_o.append((a0 + x0, a0 + x1))
         trim_e.append((b0 + y0, b0 + y1))
     # Trimming assumes equal words are separated by equal whitespace; keep it only if so.
-    if _outside(original, trim_o) == _outside(edited, trim_e):
+    if outside_spans(original, trim_o) == outside_spans(edited, trim_e):
         return trim_o, trim_e
     return raw_o, raw_e
 

@@ -28,7 +28,14 @@ span counts may differ too).
 
 from __future__ import annotations
 
-from fire_mpo_core.clinical.edits import Span, changed_words, sentence_index, sentence_spans, words
+from fire_mpo_core.clinical.edits import (
+    Span,
+    changed_words,
+    outside_spans,
+    sentence_index,
+    sentence_spans,
+    words,
+)
 from fire_mpo_core.clinical.lexicon import TOKEN_RE, tokenize
 from fire_mpo_core.data.records import PreferencePair
 from fire_mpo_core.judge.config import JudgeConfig
@@ -47,15 +54,6 @@ def _check_spans(text: str, spans: list[Span], side: str) -> str | None:
             return f"{side} span {k} {text[s:e]!r} holds no word"
         prev_end = e
     return None
-
-
-def _outside(text: str, spans: list[Span]) -> list[str]:
-    out, pos = [], 0
-    for s, e in spans:
-        out.append(text[pos:s])
-        pos = e
-    out.append(text[pos:])
-    return out
 
 
 def validate_pair(
@@ -93,7 +91,7 @@ def validate_pair(
         return None
     if len(cs) != len(rs):
         return f"chosen has {len(cs)} spans but rejected has {len(rs)}"
-    if _outside(c, cs) != _outside(r, rs):
+    if outside_spans(c, cs) != outside_spans(r, rs):
         return "chosen and rejected differ outside the declared spans"
     total = 0
     per_span: list[int] = []
