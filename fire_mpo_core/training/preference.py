@@ -501,15 +501,35 @@ def _digest(cfg: TrainConfig, policy: PolicyRef, pairs: Sequence[PreferencePair]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _longest_batch_first(perm: list[int], lengths: Sequence[int], batch_size: int) -> list[int]:
+    """``perm`` with its longest ``batch_size`` slice (by its longest item) swapped to the front.
+
+    Each micro-batch pads to its own longest row, so the step memory follows the batch's
+    length: with the longest batch first, step 1 reaches the epoch's peak, an out-of-memory
+    shows at once, and no later step needs more memory than step 1 left resident (measured:
+    a random first batch made the step memory grow above step 1 whenever a longer batch came
+    later). The other batches keep their random order."""
+    batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for b in batches for i in b]
+
+
 class _DataOrder:
     """Micro-batch k of an endless stream of seeded epoch permutations (no state to save)."""
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        longest_first: Sequence[int] | None = None,
     ) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.per_epoch = math.ceil(n / batch_size)
         self.lengths = lengths  # set: length-grouped epochs (less padding per micro-batch)
+        self.longest_first = longest_first  # set: a random epoch starts with its longest batch
         self._perms: dict[int, list[int]] = {}
 
     def micro_batch(self, k: int) -> list[int]:
@@ -520,6 +540,8 @@ class _DataOrder:
                 perm = length_grouped_permutation(self.lengths, self.batch_size, g)
             else:
                 perm = torch.randperm(self.n, generator=g).tolist()
+                if self.longest_first is not None:
+                    perm = _longest_batch_first(perm, self.longest_first, self.batch_size)
             self._perms = {epoch: perm}
         return self._perms[epoch][j * self.batch_size : (j + 1) * self.batch_size]
 
@@ -649,8 +671,14 @@ def train_preference(
         )
 
     params = [p for p in model.parameters() if p.requires_grad]
-    lengths = [pair_length(p) for p in pairs] if cfg.group_by_length else None
-    order = _DataOrder(len(pairs), cfg.batch_size, cfg.seed, lengths)
+    lengths = [pair_length(p) for p in pairs]
+    order = _DataOrder(
+        len(pairs),
+        cfg.batch_size,
+        cfg.seed,
+        lengths if cfg.group_by_length else None,
+        longest_first=lengths,
+    )
     total = _total_steps(cfg, order)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
