@@ -104,6 +104,7 @@ from fire_mpo_core.training.reference import (
     branch_reference_sums,
     compute_reference_logprobs,
 )
+from fire_mpo_core.training.sharding import head_weight
 
 __all__ = [
     "attach_lora",
@@ -287,7 +288,7 @@ def score_batch(
         _check_reference_counts(batch, {b: reference[b] for b in wanted})
     hf = hf_model(model)
     head = hf.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
+    weight, bias = head_weight(head)  # gathered when sharded (every rank, once per batch)
     n_pairs, device = batch.num_pairs, batch.row_pair.device
     all_rows = torch.arange(batch.num_rows, device=device)
     cc_rows = batch.rows["clean_chosen"]
@@ -640,8 +641,9 @@ def train_preference(
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         raise NotImplementedError(
             f"accelerate distributed_type {accelerator.distributed_type.name} is not supported: "
-            "the trainer replicates the frozen base on every rank and sums LoRA gradients itself "
-            "(data parallel); launch with a MULTI_GPU config (configs/accelerate/ddp_gpu.yaml)"
+            "the trainer calls the vision tower, the decoder and the lm_head itself; launch with "
+            "a MULTI_GPU config (configs/accelerate/ddp_gpu.yaml) and set train.strategy: fsdp "
+            "to shard the model (configs/accelerate/fsdp_gpu.yaml)"
         )
     if world.size != accelerator.num_processes:
         raise RuntimeError(
@@ -661,6 +663,11 @@ def train_preference(
     model = attach_lora(base, policy, cfg.lora)
     model.train()
     vision_adapted = _vision_adapted(model)
+    sharded = cfg.strategy == "fsdp" and world.active
+    if sharded:  # FSDP2 units over the frozen base and the adapter (training/sharding.py)
+        from fire_mpo_core.training import sharding
+
+        sharding.shard_model(model)
     shared_images = supports_shared_images(model)
     loss_fn = build_loss(cfg.loss)
     use_corrupted = bool(loss_fn.corrupt_branches)
@@ -695,7 +702,15 @@ def train_preference(
     if not cfg.resume:
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(
+            ckpt,
+            accelerator.unwrap_model(model),
+            optimizer,
+            scheduler,
+            load_model_and_optimizer=not sharded,
+        )
+        if sharded:  # each rank its own shard of the adapter and the optimizer state
+            sharding.load_rank_state(ckpt, world.rank, model, optimizer)
         if state["digest"] != digest:
             raise ValueError(
                 f"checkpoint {ckpt} belongs to another config, policy or pair set; remove "
@@ -727,17 +742,22 @@ def train_preference(
         for step in range(start, total):
             t0 = time.perf_counter()
             ks = range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
-            micro = [order.micro_batch(k) for k in ks]
-            n_step = sum(len(m) for m in micro)  # global pairs of the step, all ranks
+            global_micro = [order.micro_batch(k) for k in ks]
+            n_step = sum(len(m) for m in global_micro)  # global pairs of the step, all ranks
+            micro = global_micro
             if world.active:
-                micro = [rank_share(m, world.rank, world.size) for m in micro]
+                micro = [rank_share(m, world.rank, world.size) for m in global_micro]
                 torch.manual_seed(step_seed(cfg.seed, step, world.rank))
             optimizer.zero_grad(set_to_none=True)
             meter = _Meter()
             encodes = 0
-            for idx in micro:
+            for j, idx in enumerate(micro):
+                weight = 1.0
                 if not idx:  # a global micro-batch smaller than the world leaves a rank idle
-                    continue
+                    if not sharded:
+                        continue
+                    # Sharded: every rank runs every forward (the units gather together).
+                    idx, weight = global_micro[j][:1], 0.0
                 chunk = [pairs[i] for i in idx]
                 batch = build_branch_batch(
                     processor, chunk, images, cfg.max_length, use_corrupted=use_corrupted
@@ -757,14 +777,20 @@ def train_preference(
                     autocast=accelerator.autocast,
                 )
                 # Sum over the step's pairs / their count: every pair weighs the same.
-                accelerator.backward(out.loss.sum() / n_step)
-                meter.add_output(cfg.loss, out)
-                encodes += stats["image_encodes"]
+                if sharded:
+                    weight *= sharding.loss_scale(world.size)
+                accelerator.backward(out.loss.sum() * weight / n_step)
+                if weight:
+                    meter.add_output(cfg.loss, out)
+                    encodes += stats["image_encodes"]
             if world.active:
-                sum_gradients(params, world)  # every rank now holds the global-batch gradient
+                if not sharded:  # FSDP2 reduce-scattered the gradients in the backward
+                    sum_gradients(params, world)  # every rank holds the global-batch gradient
                 meter.merge(world)
                 encodes = int(gather_sums({"e": float(encodes)}, world)["e"])
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under sharding
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             scheduler.step()
             seconds = time.perf_counter() - t0
@@ -788,7 +814,13 @@ def train_preference(
                 final_metrics = _log(metrics_path, writer, done, window, write=world.is_main)
                 window = []
             if cfg.save_every and done % cfg.save_every == 0 and done < total:
-                if world.is_main:  # adapter and optimizer are identical on every rank
+                shards = full = None
+                if sharded:  # every rank: its shard to a side folder, the full adapter gathered
+                    shards = out_dir / CHECKPOINTS / f".shards-step-{done}"
+                    sharding.save_rank_state(shards, world.rank, model, optimizer)
+                    full = sharding.full_adapter_state(model)
+                    barrier(world)
+                if world.is_main:  # adapter and optimizer are identical on every rank (DDP)
                     save_checkpoint(
                         out_dir,
                         done,
@@ -800,8 +832,12 @@ def train_preference(
                             "micro_batches_done": done * cfg.grad_accum,
                             "digest": digest,
                             "num_processes": world.size,
+                            "strategy": cfg.strategy,
                         },
                         keep=cfg.keep_checkpoints,
+                        adapter_state=None if full is None else _peft_state(model, full),
+                        optimizer_state=None if not sharded else {"sharded": True},
+                        extra_dir=shards,
                     )
                 barrier(world)  # no rank runs ahead of a checkpoint that may not exist yet
             if on_step is not None:
@@ -813,8 +849,12 @@ def train_preference(
     adapter_dir = out_dir / ADAPTER_DIR
     merged_dir = out_dir / MERGED_DIR if cfg.merge_adapter else None
     adapters = len(adapted_modules(peft_model))
+    full = sharding.full_adapter_state(peft_model) if sharded else None  # every rank
     if world.is_main:
-        peft_model.save_pretrained(str(adapter_dir))
+        if full is None:
+            peft_model.save_pretrained(str(adapter_dir))
+        else:
+            peft_model.save_pretrained(str(adapter_dir), state_dict=full)
         if merged_dir is not None:
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(str(merged_dir))
@@ -842,7 +882,14 @@ def train_preference(
         "trainable_parameters": sum(p.numel() for p in params),
         "adapted_modules": adapters,
         "num_processes": world.size,
+        "strategy": cfg.strategy if world.active else "single",
     }
+
+
+def _peft_state(model: nn.Module, full: dict[str, Tensor]) -> dict[str, Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=full)
 
 
 class _NullWriter:
