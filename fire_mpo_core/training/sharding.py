@@ -14,12 +14,13 @@ launcher; gloo on CPU, NCCL on GPU) shard it with torch's FSDP2 (``torch.distrib
 
 The units are disjoint (none inside another): the trainer calls them in no fixed order from
 outside, and FSDP2 initialises a unit as a root the first time it runs, so a unit nested in an
-already-run one would fail. Parameters outside these units stay replicated (frozen). LoRA tensors live in the decoder layers,
-so they are sharded with them; FSDP2 reduce-scatters (averages) their gradients in the backward,
-and :func:`loss_scale` makes that average the sum that :func:`~fire_mpo_core.training
-.distributed.sum_gradients` forms under data parallel (each rank back-propagates its pairs' loss
-sum over the step's global pair count). Every rank must run the same forwards: a rank whose share of a
-micro-batch is empty scores one pair with weight 0 (``train_preference`` does it).
+already-run one would fail. Parameters outside these units stay replicated (frozen). LoRA tensors
+live in the decoder layers, so they are sharded with them; FSDP2 reduce-scatters (averages) their
+gradients in the backward, and :func:`loss_scale` turns that average into the sum that
+:func:`~fire_mpo_core.training.distributed.sum_gradients` forms under data parallel (each rank
+back-propagates its pairs' loss sum over the step's global pair count). Every rank must run the
+same forwards: a rank whose share of a micro-batch is empty scores one pair with weight 0
+(``train_preference`` does it).
 
 Checkpoints: every rank writes its own shard of the adapter and of the optimizer state
 (:func:`local_state`, :func:`load_local_state`), so a resume with the same number of ranks is
