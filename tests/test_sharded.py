@@ -49,13 +49,30 @@ def test_loss_scale_turns_the_ranks_mean_into_their_sum():
     assert loss_scale(4) == 4.0
 
 
-def test_gpu_fsdp_accelerate_config_is_a_plain_multi_gpu_launch():
-    """The sharding is ours (FSDP2 units the trainer's calls need), so accelerate only launches:
-    a MULTI_GPU config; an accelerate FSDP config is refused at start (test_trainer)."""
-    import yaml
+def test_sharded_strategy_from_the_cycle_config_and_its_gpu_accelerate_config():
+    """`train.num_processes: 2` with `train.strategy: fsdp` validates from the config and
+    launches with the GPU accelerate config: a plain MULTI_GPU launch (the sharding is ours:
+    FSDP2 units the trainer's calls need; an accelerate FSDP config is refused at start)."""
+    from accelerate.commands.config.config_args import load_config_from_file
 
-    cfg = yaml.safe_load(Path("configs/accelerate/fsdp_gpu.yaml").read_text())
-    assert cfg["distributed_type"] == "MULTI_GPU" and cfg["mixed_precision"] == "bf16"
+    from fire_mpo_core.config import load_config
+    from fire_mpo_core.training.launch import build_launch_command
+
+    fsdp_yaml = Path(__file__).resolve().parents[1] / "configs/accelerate/fsdp_gpu.yaml"
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs/default.yaml",
+        {
+            "train.num_processes": 2,
+            "train.strategy": "fsdp",
+            "train.accelerate_config": str(fsdp_yaml),
+        },
+    ).train
+    assert (cfg.num_processes, cfg.strategy) == (2, "fsdp")
+    cmd = build_launch_command(cfg, "spec.json", 29500, python="py")
+    assert cmd[cmd.index("--config_file") + 1] == str(fsdp_yaml)
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    parsed = load_config_from_file(str(fsdp_yaml))
+    assert parsed.distributed_type == "MULTI_GPU" and parsed.mixed_precision == "bf16"
 
 
 # --------------------------------------------------------------------------- launched runs
