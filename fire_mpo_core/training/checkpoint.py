@@ -99,11 +99,16 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int = 2,
+    adapter_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    extra_dir: Path | None = None,
 ) -> Path:
     """Write ``out_dir/checkpoints/step-<step>`` atomically; keep only the newest ``keep``.
 
     ``model`` is a peft model (only its adapter tensors are saved); ``state`` must be
-    JSON-serialisable (step, data position, ...).
+    JSON-serialisable (step, data position, ...). Sharded training passes the gathered
+    ``adapter_state``, this rank's plain ``optimizer_state``, and ``extra_dir``, whose files
+    (every rank's shard) move into the checkpoint before it is renamed into place.
     """
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -111,11 +116,16 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        adapter = {
-            k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
-        }
+        if adapter_state is None:
+            adapter_state = get_peft_model_state_dict(model)
+        adapter = {k: v.detach().cpu().contiguous() for k, v in adapter_state.items()}
         save_file(adapter, str(tmp / "adapter.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save(opt, tmp / "optimizer.pt")
+        if extra_dir is not None:
+            for f in sorted(Path(extra_dir).iterdir()):
+                os.replace(f, tmp / f.name)
+            shutil.rmtree(extra_dir, ignore_errors=True)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         tensors, meta = rng_state()
         save_file(tensors, str(tmp / "rng.safetensors"), metadata=meta)
@@ -137,17 +147,28 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    load_model_and_optimizer: bool = True,
 ) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler and RNG states from ``path``; return its state."""
+    """Restore adapter, optimizer, scheduler and RNG states from ``path``; return its state.
+
+    ``load_model_and_optimizer=False`` restores only the scheduler and RNG states (sharded
+    training restores each rank's adapter and optimizer shard itself)."""
     path = Path(path)
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    adapter = load_file(str(path / "adapter.safetensors"), device=str(device))
-    result = set_peft_model_state_dict(model, adapter)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"checkpoint {path} has adapter tensors the model lacks: {unexpected[:3]}")
-    for obj, name in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
-        obj.load_state_dict(torch.load(path / name, map_location="cpu", weights_only=True))
+    if load_model_and_optimizer:
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        adapter = load_file(str(path / "adapter.safetensors"), device=str(device))
+        result = set_peft_model_state_dict(model, adapter)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(
+                f"checkpoint {path} has adapter tensors the model lacks: {unexpected[:3]}"
+            )
+        optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+    scheduler.load_state_dict(
+        torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+    )
     with safe_open(str(path / "rng.safetensors"), framework="pt") as f:
         meta = dict(f.metadata() or {})
     set_rng_state(load_file(str(path / "rng.safetensors")), meta)

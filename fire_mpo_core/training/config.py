@@ -189,6 +189,15 @@ class TrainConfig(_Cfg):
             "None: a plain multi-process launch on this machine."
         ),
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description=(
+            "How num_processes > 1 split the work: 'ddp' keeps a full copy of the frozen base on "
+            "every process and sums the LoRA gradients; 'fsdp' shards the base (vision tower, "
+            "projector, embeddings, each decoder layer, lm_head) across them with FSDP2 "
+            "(fire_mpo_core.training.sharding): about 1/N of the weights per process."
+        ),
+    )
     main_process_port: int | None = Field(
         default=None,
         ge=1,
@@ -213,6 +222,16 @@ class TrainConfig(_Cfg):
             raise ValueError(
                 f"accelerate_config={self.accelerate_config!r} is only used to launch "
                 "num_processes > 1, but num_processes=1; set num_processes or drop the file"
+            )
+        if self.strategy == "fsdp" and self.num_processes == 1:
+            raise ValueError(
+                "strategy='fsdp' shards the model across processes, but num_processes=1; set "
+                "num_processes > 1 or strategy='ddp'"
+            )
+        if self.strategy == "fsdp" and self.merge_adapter:
+            raise ValueError(
+                "merge_adapter=True writes the merged full model, which strategy='fsdp' never "
+                "holds on one process; merge after training or set strategy='ddp'"
             )
         if (
             self.save_every is not None

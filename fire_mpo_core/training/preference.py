@@ -104,6 +104,7 @@ from fire_mpo_core.training.reference import (
     branch_reference_sums,
     compute_reference_logprobs,
 )
+from fire_mpo_core.training.sharding import head_weight
 
 __all__ = [
     "attach_lora",
@@ -287,7 +288,7 @@ def score_batch(
         _check_reference_counts(batch, {b: reference[b] for b in wanted})
     hf = hf_model(model)
     head = hf.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
+    weight, bias = head_weight(head)  # gathered when sharded (every rank, once per batch)
     n_pairs, device = batch.num_pairs, batch.row_pair.device
     all_rows = torch.arange(batch.num_rows, device=device)
     cc_rows = batch.rows["clean_chosen"]
@@ -489,15 +490,35 @@ def _digest(cfg: TrainConfig, policy: PolicyRef, pairs: Sequence[PreferencePair]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _longest_batch_first(perm: list[int], lengths: Sequence[int], batch_size: int) -> list[int]:
+    """``perm`` with its longest ``batch_size`` slice (by its longest item) swapped to the front.
+
+    Each micro-batch pads to its own longest row, so the step memory follows the batch's
+    length: with the longest batch first, step 1 reaches the epoch's peak, an out-of-memory
+    shows at once, and no later step needs more memory than step 1 left resident (measured:
+    a random first batch made the step memory grow above step 1 whenever a longer batch came
+    later). The other batches keep their random order."""
+    batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for b in batches for i in b]
+
+
 class _DataOrder:
     """Micro-batch k of an endless stream of seeded epoch permutations (no state to save)."""
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        longest_first: Sequence[int] | None = None,
     ) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.per_epoch = math.ceil(n / batch_size)
         self.lengths = lengths  # set: length-grouped epochs (less padding per micro-batch)
+        self.longest_first = longest_first  # set: a random epoch starts with its longest batch
         self._perms: dict[int, list[int]] = {}
 
     def micro_batch(self, k: int) -> list[int]:
@@ -508,6 +529,8 @@ class _DataOrder:
                 perm = length_grouped_permutation(self.lengths, self.batch_size, g)
             else:
                 perm = torch.randperm(self.n, generator=g).tolist()
+                if self.longest_first is not None:
+                    perm = _longest_batch_first(perm, self.longest_first, self.batch_size)
             self._perms = {epoch: perm}
         return self._perms[epoch][j * self.batch_size : (j + 1) * self.batch_size]
 
@@ -606,8 +629,9 @@ def train_preference(
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         raise NotImplementedError(
             f"accelerate distributed_type {accelerator.distributed_type.name} is not supported: "
-            "the trainer replicates the frozen base on every rank and sums LoRA gradients itself "
-            "(data parallel); launch with a MULTI_GPU config (configs/accelerate/ddp_gpu.yaml)"
+            "the trainer calls the vision tower, the decoder and the lm_head itself; launch with "
+            "a MULTI_GPU config (configs/accelerate/ddp_gpu.yaml) and set train.strategy: fsdp "
+            "to shard the model (configs/accelerate/fsdp_gpu.yaml)"
         )
     if world.size != accelerator.num_processes:
         raise RuntimeError(
@@ -627,6 +651,11 @@ def train_preference(
     model = attach_lora(base, policy, cfg.lora)
     model.train()
     vision_adapted = _vision_adapted(model)
+    sharded = cfg.strategy == "fsdp" and world.active
+    if sharded:  # FSDP2 units over the frozen base and the adapter (training/sharding.py)
+        from fire_mpo_core.training import sharding
+
+        sharding.shard_model(model)
     shared_images = supports_shared_images(model)
     loss_fn = build_loss(cfg.loss)
     use_corrupted = bool(loss_fn.corrupt_branches)
@@ -637,8 +666,14 @@ def train_preference(
         )
 
     params = [p for p in model.parameters() if p.requires_grad]
-    lengths = [pair_length(p) for p in pairs] if cfg.group_by_length else None
-    order = _DataOrder(len(pairs), cfg.batch_size, cfg.seed, lengths)
+    lengths = [pair_length(p) for p in pairs]
+    order = _DataOrder(
+        len(pairs),
+        cfg.batch_size,
+        cfg.seed,
+        lengths if cfg.group_by_length else None,
+        longest_first=lengths,
+    )
     total = _total_steps(cfg, order)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
@@ -655,7 +690,15 @@ def train_preference(
     if not cfg.resume:
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(
+            ckpt,
+            accelerator.unwrap_model(model),
+            optimizer,
+            scheduler,
+            load_model_and_optimizer=not sharded,
+        )
+        if sharded:  # each rank its own shard of the adapter and the optimizer state
+            sharding.load_rank_state(ckpt, world.rank, model, optimizer)
         if state["digest"] != digest:
             raise ValueError(
                 f"checkpoint {ckpt} belongs to another config, policy or pair set; remove "
@@ -688,17 +731,22 @@ def train_preference(
         for step in range(start, total):
             t0 = time.perf_counter()
             ks = range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
-            micro = [order.micro_batch(k) for k in ks]
-            n_step = sum(len(m) for m in micro)  # global pairs of the step, all ranks
+            global_micro = [order.micro_batch(k) for k in ks]
+            n_step = sum(len(m) for m in global_micro)  # global pairs of the step, all ranks
+            micro = global_micro
             if world.active:
-                micro = [rank_share(m, world.rank, world.size) for m in micro]
+                micro = [rank_share(m, world.rank, world.size) for m in global_micro]
                 torch.manual_seed(step_seed(cfg.seed, step, world.rank))
             optimizer.zero_grad(set_to_none=True)
             meter = _Meter()
             encodes = 0
-            for idx in micro:
+            for j, idx in enumerate(micro):
+                weight = 1.0
                 if not idx:  # a global micro-batch smaller than the world leaves a rank idle
-                    continue
+                    if not sharded:
+                        continue
+                    # Sharded: every rank runs every forward (the units gather together).
+                    idx, weight = global_micro[j][:1], 0.0
                 chunk = [pairs[i] for i in idx]
                 batch = build_branch_batch(
                     processor, chunk, images, cfg.max_length, use_corrupted=use_corrupted
@@ -718,14 +766,20 @@ def train_preference(
                     autocast=accelerator.autocast,
                 )
                 # Sum over the step's pairs / their count: every pair weighs the same.
-                accelerator.backward(out.loss.sum() / n_step)
-                meter.add_output(loss_fn, out)
-                encodes += stats["image_encodes"]
+                if sharded:
+                    weight *= sharding.loss_scale(world.size)
+                accelerator.backward(out.loss.sum() * weight / n_step)
+                if weight:
+                    meter.add_output(loss_fn, out)
+                    encodes += stats["image_encodes"]
             if world.active:
-                sum_gradients(params, world)  # every rank now holds the global-batch gradient
+                if not sharded:  # FSDP2 reduce-scattered the gradients in the backward
+                    sum_gradients(params, world)  # every rank holds the global-batch gradient
                 meter.merge(world)
                 encodes = int(gather_sums({"e": float(encodes)}, world)["e"])
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under sharding
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             scheduler.step()
             seconds = time.perf_counter() - t0
@@ -749,7 +803,13 @@ def train_preference(
                 final_metrics = _log(metrics_path, writer, done, window, write=world.is_main)
                 window = []
             if cfg.save_every and done % cfg.save_every == 0 and done < total:
-                if world.is_main:  # adapter and optimizer are identical on every rank
+                shards = full = None
+                if sharded:  # every rank: its shard to a side folder, the full adapter gathered
+                    shards = out_dir / CHECKPOINTS / f".shards-step-{done}"
+                    sharding.save_rank_state(shards, world.rank, model, optimizer)
+                    full = sharding.full_adapter_state(model)
+                    barrier(world)
+                if world.is_main:  # adapter and optimizer are identical on every rank (DDP)
                     save_checkpoint(
                         out_dir,
                         done,
@@ -761,8 +821,12 @@ def train_preference(
                             "micro_batches_done": done * cfg.grad_accum,
                             "digest": digest,
                             "num_processes": world.size,
+                            "strategy": cfg.strategy,
                         },
                         keep=cfg.keep_checkpoints,
+                        adapter_state=None if full is None else _peft_state(model, full),
+                        optimizer_state=None if not sharded else {"sharded": True},
+                        extra_dir=shards,
                     )
                 barrier(world)  # no rank runs ahead of a checkpoint that may not exist yet
             if on_step is not None:
@@ -774,8 +838,12 @@ def train_preference(
     adapter_dir = out_dir / ADAPTER_DIR
     merged_dir = out_dir / MERGED_DIR if cfg.merge_adapter else None
     adapters = len(adapted_modules(peft_model))
+    full = sharding.full_adapter_state(peft_model) if sharded else None  # every rank
     if world.is_main:
-        peft_model.save_pretrained(str(adapter_dir))
+        if full is None:
+            peft_model.save_pretrained(str(adapter_dir))
+        else:
+            peft_model.save_pretrained(str(adapter_dir), state_dict=full)
         make_adapter_relocatable(adapter_dir)  # no absolute store path inside the store
         if merged_dir is not None:
             merged = peft_model.merge_and_unload()
@@ -804,7 +872,14 @@ def train_preference(
         "trainable_parameters": sum(p.numel() for p in params),
         "adapted_modules": adapters,
         "num_processes": world.size,
+        "strategy": cfg.strategy if world.active else "single",
     }
+
+
+def _peft_state(model: nn.Module, full: dict[str, Tensor]) -> dict[str, Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=full)
 
 
 class _NullWriter:

@@ -65,6 +65,7 @@ from fire_mpo_core.training.batching import (
     supports_shared_images,
 )
 from fire_mpo_core.training.config import ReferenceConfig
+from fire_mpo_core.training.sharding import head_weight
 
 __all__ = [
     "FORMAT",
@@ -211,6 +212,7 @@ def branch_reference_sums(
     """
     h, width = hidden if hidden is not None else forward_hidden(model, batch, None, image_features)
     head = hf_model(model).get_output_embeddings()
+    weight, bias = head_weight(head)  # once, before the loop: a collective when sharded
     b = batch.num_pairs
     out: dict[str, BranchReference] = {}
     for branch in BRANCHES:
@@ -230,8 +232,8 @@ def branch_reference_sums(
             pair_index,
             span_rows,
             b,
-            head.weight,
-            getattr(head, "bias", None),
+            weight,
+            bias,
             chunk_size=chunk_size,
         )
         out[branch] = BranchReference(
