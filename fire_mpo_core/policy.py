@@ -23,6 +23,17 @@ class PolicyRef(BaseModel):
     adapter: str | None = Field(default=None, description="PEFT adapter folder, if any.")
     trust_remote_code: bool = False
 
+    def relative_to(self, stage_dir: Path) -> PolicyRef:
+        """The policy as ``stage_dir``'s policy.json records it: local paths relative to that
+        folder (so the store can move), hub ids as they are."""
+
+        def rel(p: str | None) -> str | None:
+            if p is None or not Path(p).exists():
+                return p
+            return Path(os.path.relpath(Path(p).resolve(), Path(stage_dir).resolve())).as_posix()
+
+        return self.model_copy(update={"base": rel(self.base), "adapter": rel(self.adapter)})
+
 
 def write_policy(stage_dir: Path, ref: PolicyRef) -> None:
     (Path(stage_dir) / POLICY_FILE).write_text(ref.model_dump_json(indent=2) + "\n")

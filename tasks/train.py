@@ -14,15 +14,13 @@ traceback.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from prefect import get_run_logger
 
 from fire_mpo_core.faults import fault_point
-from fire_mpo_core.policy import PolicyRef, read_policy, write_policy
+from fire_mpo_core.policy import read_policy, write_policy
 from fire_mpo_core.store import StageWriter
 from fire_mpo_core.training.config import TrainConfig
+from fire_mpo_core.training.job import TrainJob
 from fire_mpo_core.training.launch import launch_training
 from fire_mpo_core.training.preference import train_preference
 from tasks.common import Progress, StageCall, stage_task
@@ -37,41 +35,29 @@ def body(call: StageCall, w: StageWriter) -> dict:
         progress(step, total)
         fault_point("train.step")  # crash-safety tests kill here (no-op unless set)
 
-    args = (
-        policy,
-        call.inputs["corrupt"],
-        call.inputs["prepare"],
-        call.inputs["corrupt"],
-        call.inputs["reference"],
-        cfg,
-        w.path,
+    job = TrainJob(
+        policy=policy,
+        pairs_path=call.inputs["corrupt"],
+        image_root=call.inputs["prepare"],
+        corrupt_root=call.inputs["corrupt"],
+        reference_path=call.inputs["reference"],
+        cfg=cfg,
+        out_dir=w.path,
     )
     if cfg.num_processes > 1:
-        logger = get_run_logger()
-        out = launch_training(*args, on_step=on_step, on_line=logger.info)
+        out = launch_training(job, on_step=on_step, on_line=get_run_logger().info)
     else:
-        out = train_preference(*args, on_step=on_step)
-    for r in out["rejects"]:
+        out = train_preference(job, on_step=on_step)
+    for r in out.rejects:
         w.reject(r["id"], r["reason"])
-    adapter = Path(out["policy"]["adapter"])
     # Paths relative to this stage folder (the working folder is renamed into place later).
-    write_policy(
-        w.path,
-        PolicyRef(
-            base=os.path.relpath(policy.base, w.path)
-            if Path(policy.base).exists()
-            else policy.base,
-            adapter=adapter.relative_to(w.path.resolve()).as_posix(),
-            trust_remote_code=policy.trust_remote_code,
-        ),
-    )
-    final = out.get("final_metrics") or {}
+    write_policy(w.path, out.policy.relative_to(w.path))
     return {
-        "steps": out["steps"],
-        "pairs": out["pairs"],
-        "pairs_per_s": out["pairs_per_s"],
-        "resumed_from_step": out["resumed_from_step"],
-        **{k: v for k, v in final.items() if isinstance(v, int | float) and k != "step"},
+        "steps": out.steps,
+        "pairs": out.pairs,
+        "pairs_per_s": out.pairs_per_s,
+        "resumed_from_step": out.resumed_from_step,
+        **{k: v for k, v in out.final_metrics.items() if k != "step"},
     }
 
 

@@ -1,7 +1,7 @@
 """Multi-process preference training: ``accelerate launch`` of N ranks, streamed back to the caller.
 
 The parent (the `train` stage, or a script) calls :func:`launch_training`: it writes a JSON spec
-(the arguments of :func:`~fire_mpo_core.training.preference.train_preference`) under
+(the :class:`~fire_mpo_core.training.job.TrainJob`) under
 ``out_dir/launch/``, runs::
 
     python -m accelerate.commands.launch --multi_gpu --num_processes N --num_machines 1 \\
@@ -14,15 +14,15 @@ and streams the children's merged stdout/stderr line by line: rank 0 prints one
 metrics)``; every other line goes to ``on_line``. Without CUDA the ranks are CPU processes on a
 gloo process group (``ACCELERATE_USE_CPU``). A failing rank writes its traceback to
 ``launch/error-rank<r>.txt``; the parent raises :class:`LaunchError` with it and the output's
-tail. Rank 0 writes the result dict to ``launch/result.json``, which the parent returns.
+tail. Rank 0 writes the :class:`~fire_mpo_core.training.job.TrainResult` to
+``launch/result.json``, which the parent returns.
 
 The same module is the child entry point (``python -m fire_mpo_core.training.launch SPEC``).
 Resuming works as in one process: relaunching on the same ``out_dir`` continues from the newest
 checkpoint. Usage::
 
     from fire_mpo_core.training.launch import launch_training
-    result = launch_training(policy, pairs, images, None, reference, cfg, out_dir,
-                             on_step=lambda s, n, m: print(s, n, m["loss"]))
+    result = launch_training(job, on_step=lambda s, n, m: print(s, n, m["loss"]))
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
-from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.training.config import TrainConfig
+from fire_mpo_core.training.job import TrainJob, TrainResult
 
 __all__ = [
     "PROGRESS_PREFIX",
@@ -196,46 +195,31 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def launch_training(
-    policy: PolicyRef,
-    pairs_path: str | Path,
-    image_root: str | Path,
-    corrupt_root: str | Path | None,
-    reference_path: str | Path | None,
-    cfg: TrainConfig,
-    out_dir: str | Path,
+    job: TrainJob,
     on_step: StepCallback | None = None,
     on_line: LineCallback | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """:func:`~fire_mpo_core.training.preference.train_preference` in ``cfg.num_processes``
-    ranks through ``accelerate launch``; same arguments (plus ``on_line`` for the ranks' log
-    lines) and the same result dict (written by rank 0).
+    ranks through ``accelerate launch``: the same job (written as the ranks' spec) and the same
+    result (written by rank 0); ``on_line`` gets the ranks' log lines.
 
     Raises:
         LaunchError: a rank failed; the message carries its traceback.
     """
-    out_dir = Path(out_dir).resolve()
-    launch_dir = out_dir / LAUNCH_DIR
+    job = job.resolved()
+    launch_dir = job.out_dir / LAUNCH_DIR
     launch_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*launch_dir.glob("error-rank*.txt"), launch_dir / RESULT_FILE]:
         stale.unlink(missing_ok=True)
-    spec = {
-        "policy": policy.model_dump(mode="json"),
-        "pairs_path": str(Path(pairs_path).resolve()),
-        "image_root": str(Path(image_root).resolve()),
-        "corrupt_root": None if corrupt_root is None else str(Path(corrupt_root).resolve()),
-        "reference_path": None if reference_path is None else str(Path(reference_path).resolve()),
-        "cfg": cfg.model_dump(mode="json"),
-        "out_dir": str(out_dir),
-    }
     spec_path = launch_dir / SPEC_FILE
-    spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True))
-    port = cfg.main_process_port or free_port()
-    cmd = build_launch_command(cfg, spec_path, port)
+    spec_path.write_text(job.model_dump_json(indent=2))
+    port = job.cfg.main_process_port or free_port()
+    cmd = build_launch_command(job.cfg, spec_path, port)
     run_streaming(cmd, launch_env(), on_line, on_step, error_dir=launch_dir)
     result_path = launch_dir / RESULT_FILE
     if not result_path.is_file():
         raise LaunchError(f"training launch exited cleanly but wrote no {result_path}")
-    return json.loads(result_path.read_text())
+    return TrainResult.model_validate_json(result_path.read_text())
 
 
 # --------------------------------------------------------------------------- child
@@ -246,7 +230,7 @@ def _child(spec_path: Path) -> None:
 
     from fire_mpo_core.training.preference import train_preference
 
-    spec = json.loads(spec_path.read_text())
+    job = TrainJob.model_validate_json(spec_path.read_text())
     launch_dir = spec_path.parent
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -256,19 +240,10 @@ def _child(spec_path: Path) -> None:
                 line = {"step": step, "total": total, "metrics": metrics}
                 print(PROGRESS_PREFIX + json.dumps(line, sort_keys=True), flush=True)
 
-        result = train_preference(
-            PolicyRef(**spec["policy"]),
-            spec["pairs_path"],
-            spec["image_root"],
-            spec["corrupt_root"],
-            spec["reference_path"],
-            TrainConfig.model_validate(spec["cfg"]),
-            spec["out_dir"],
-            on_step=on_step,
-        )
+        result = train_preference(job, on_step=on_step)
         if rank == 0:
             tmp = launch_dir / f".{RESULT_FILE}.tmp"
-            tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+            tmp.write_text(result.model_dump_json(indent=2))
             os.replace(tmp, launch_dir / RESULT_FILE)
     except BaseException:
         (launch_dir / f"error-rank{rank}.txt").write_text(traceback.format_exc())

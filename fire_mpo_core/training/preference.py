@@ -16,10 +16,17 @@ One optimizer step (docs/design.md section 1):
 
 Usage::
 
-    from fire_mpo_core.training.preference import train_preference
-    result = train_preference(policy, pairs_path, image_root, corrupt_root, reference_path,
-                              TrainConfig(), out_dir, on_step=lambda s, n, m: print(s, n))
-    write_policy(stage_dir, PolicyRef(**result["policy"]))   # the caller writes policy.json
+    from fire_mpo_core.training.preference import TrainJob, train_preference
+    job = TrainJob(policy=policy, pairs_path=pairs_path, image_root=image_root,
+                   reference_path=reference_path, cfg=TrainConfig(), out_dir=out_dir)
+    result = train_preference(job, on_step=lambda s, n, m: print(s, n))
+    write_policy(stage_dir, result.policy)   # the caller writes policy.json
+
+The recipe is :func:`setup` (pairs, model + adapter, reference table, optimizer, resume),
+:func:`train_step` (one optimizer step over ``grad_accum`` micro-batches), and
+:func:`log_and_checkpoint` / :func:`save`; the loop in :func:`train_preference` fits on a
+screen. Scoring a batch is :mod:`fire_mpo_core.training.scoring`, the adapter
+:mod:`fire_mpo_core.training.lora`, the batch order :mod:`fire_mpo_core.training.data_order`.
 
 Outputs under ``out_dir``: ``adapter/`` (peft ``save_pretrained``, safetensors),
 ``metrics.jsonl`` and ``tensorboard/`` every ``logging_every`` steps, ``checkpoints/step-N/``
@@ -38,49 +45,33 @@ update is the one a single process makes on the whole batch, up to float summati
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from fire_mpo_core.data.records import PreferencePair
-from fire_mpo_core.losses.base import BranchLogps, LossOutput, PreferenceLogps, PreferenceLoss
-from fire_mpo_core.losses.config import LossConfig
-from fire_mpo_core.losses.fused import FusedBranch, preference_outputs_from_hidden
-from fire_mpo_core.losses.naive import (
-    kl_per_position,
-    preference_outputs_from_logits,
-    token_logps,
-)
+from fire_mpo_core.losses.base import LossOutput, PreferenceLoss
 from fire_mpo_core.losses.objectives import build_loss
-from fire_mpo_core.models import IGNORE_INDEX, load_model, load_processor
-from fire_mpo_core.models.families import ImageFeatures, family_of
+from fire_mpo_core.models import load_model, load_processor
 from fire_mpo_core.policy import PolicyRef, make_adapter_relocatable
+from fire_mpo_core.training import sharding
 from fire_mpo_core.training.batching import (
-    BranchBatch,
     ImageCache,
     build_branch_batch,
-    encode_images,
-    forward_hidden,
-    hf_model,
-    length_grouped_permutation,
     load_pairs,
     pair_length,
-    shifted_targets,
     supports_shared_images,
 )
 from fire_mpo_core.training.checkpoint import (
@@ -89,7 +80,8 @@ from fire_mpo_core.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fire_mpo_core.training.config import LoRAConfig, ReferenceConfig, TrainConfig
+from fire_mpo_core.training.config import ReferenceConfig, TrainConfig
+from fire_mpo_core.training.data_order import DataOrder, total_steps
 from fire_mpo_core.training.distributed import (
     DistInfo,
     barrier,
@@ -98,21 +90,15 @@ from fire_mpo_core.training.distributed import (
     step_seed,
     sum_gradients,
 )
+from fire_mpo_core.training.job import TrainJob, TrainResult
+from fire_mpo_core.training.lora import adapted_modules, attach_lora, vision_adapted
 from fire_mpo_core.training.reference import (
-    BranchReference,
     ReferenceTable,
-    branch_reference_sums,
     compute_reference_logprobs,
 )
-from fire_mpo_core.training.sharding import head_weight
+from fire_mpo_core.training.scoring import score_batch
 
-__all__ = [
-    "attach_lora",
-    "language_model_prefix",
-    "lora_target_modules",
-    "score_batch",
-    "train_preference",
-]
+__all__ = ["TrainJob", "TrainResult", "train_preference"]
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
@@ -120,304 +106,384 @@ METRICS_FILE = "metrics.jsonl"
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
-# --------------------------------------------------------------------------- LoRA
-
-
-def language_model_prefix(model: nn.Module) -> str | None:
-    """Module name of the language model inside an image-text-to-text model: its family's
-    :attr:`~fire_mpo_core.models.families.Family.language_model` (``model.language_model``,
-    Idefics3's ``model.text_model``), or None for a model of no known family."""
-    hf = hf_model(model)
+def train_preference(job: TrainJob, on_step: StepCallback | None = None) -> TrainResult:
+    """Train a LoRA adapter on the job's pairs with ``job.cfg.loss``; see the module docstring.
+    ``on_step(step, total_steps, step_metrics)`` is called after every optimizer step."""
+    run = setup(job)
     try:
-        prefix = family_of(hf).language_model
-    except ValueError:
-        return None
-    try:
-        hf.get_submodule(prefix)
-    except AttributeError:
-        return None
-    return prefix
-
-
-def lora_target_modules(model: nn.Module, lora: LoRAConfig) -> str | list[str]:
-    """peft ``target_modules`` for ``lora``: the config's value for scope 'all'; for scope
-    'language_model' a regex (peft full-matches it against module names) that admits only the
-    chosen linear layers inside the language model, so the vision tower and projector get none.
-    """
-    if lora.scope == "all":
-        return lora.target_modules
-    prefix = language_model_prefix(model)
-    if prefix is None:
-        raise ValueError(
-            f"lora.scope='language_model' but {type(model).__name__} has no recognisable "
-            "language_model submodule; set lora.scope='all' and list target_modules"
-        )
-    if lora.target_modules == "all-linear":
-        lm = hf_model(model).get_submodule(prefix)
-        linear = (n for n, m in lm.named_modules() if isinstance(m, nn.Linear))
-        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
-    else:
-        names = list(lora.target_modules)
-    alternatives = "|".join(re.escape(n) for n in names)
-    return rf"{re.escape(prefix)}\.(?:.*\.)?(?:{alternatives})"
-
-
-def attach_lora(model: nn.Module, policy: PolicyRef, lora: LoRAConfig) -> PeftModel:
-    """Wrap ``model`` (the loaded ``policy.base``) with a trainable LoRA adapter: a new one from
-    ``lora``, or ``policy.adapter`` loaded trainable when set (round k > 1; ``lora`` is then
-    ignored in favour of the adapter's own config)."""
-    if policy.adapter:
-        return PeftModel.from_pretrained(model, policy.adapter, is_trainable=True)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_target_modules(model, lora),
-        bias="none",
-    )
-    return get_peft_model(model, config)
-
-
-def adapted_modules(model: nn.Module) -> list[str]:
-    """Names (relative to the transformers model) of the modules that carry a LoRA adapter."""
-    hf = hf_model(model)
-    return sorted(n for n, m in hf.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
-
-
-def _vision_adapted(model: nn.Module) -> bool:
-    """Whether any adapter lies outside the language model (then image features differ between
-    policy and reference and must be recomputed with the adapter off)."""
-    prefix = language_model_prefix(model)
-    names = adapted_modules(model)
-    if prefix is None:
-        return bool(names)
-    return any(not n.startswith(prefix + ".") for n in names)
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def _upcast(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _check_reference_counts(batch: BranchBatch, reference: dict[str, BranchReference]) -> None:
-    """The artifact must have scored exactly the tokens this batch scores (same tokenizer and
-    max_length, same corrupted images)."""
-    labels = batch.encoded["labels"]
-    for branch, ref in reference.items():
-        rows, pairs = batch.present(branch)
-        if rows.numel() == 0:
-            continue
-        ours = (labels[rows] != IGNORE_INDEX).sum(-1)
-        theirs = ref.num_tokens.to(ours.device)[pairs]
-        if not torch.equal(ours, theirs):
-            bad = (ours != theirs).nonzero()[0].item()
-            raise ValueError(
-                f"reference artifact scored {int(theirs[bad])} tokens of {branch} for pair "
-                f"{batch.pair_ids[int(pairs[bad])]!r} but this batch scores {int(ours[bad])}: "
-                "it was computed with another max_length, tokenizer or corrupted image"
-            )
-
-
-def _reference_forward(
-    model: nn.Module,
-    batch: BranchBatch,
-    rows: Tensor | None,
-    policy_features: list[ImageFeatures | None] | None,
-    shared_images: bool,
-    vision_adapted: bool,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-) -> tuple[Tensor, int, int]:
-    """Hidden states of the frozen reference (adapter off, eval mode, no grad) on ``rows``.
-
-    Returns (hidden [r, W, H], W, image encodes spent)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), model.disable_adapter(), autocast():
-            encodes = 0
-            feats = None
-            if shared_images:
-                if policy_features is not None and not vision_adapted:
-                    feats = policy_features  # frozen vision side: identical features
-                else:
-                    feats = encode_images(model, batch, rows)
-                    encodes = sum(f is not None for f in feats)
-            hidden, width = forward_hidden(model, batch, rows, feats)
+        for step in range(run.start, run.total):
+            metrics = train_step(run, step)
+            log_and_checkpoint(run, step + 1, metrics)
+            if on_step is not None:
+                on_step(step + 1, run.total, metrics)
     finally:
-        model.train(was_training)
-    return hidden, width, encodes
+        run.writer.close()
+    return save(run)
 
 
-def score_batch(
-    model: nn.Module,
-    batch: BranchBatch,
-    loss_cfg: LossConfig,
-    *,
-    use_fused: bool,
-    chunk_size: int,
-    reference: dict[str, BranchReference] | None,
-    shared_images: bool = True,
-    vision_adapted: bool = False,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[LossOutput, dict[str, int]]:
-    """Per-pair loss and its parts for one branch batch (differentiable w.r.t. the adapter).
+# --------------------------------------------------------------------------- setup
 
-    Args:
-        model: the peft policy (its adapter off = the reference).
-        batch: B pairs on the model's device.
-        loss_cfg: which loss.
-        use_fused: hidden states + chunked lm_head (True) or full logits (False).
-        chunk_size: rows per lm_head chunk on the fused path.
-        reference: per-branch reference sums for the B pairs (the artifact); None runs the
-            reference on every row in-step.
-        shared_images: encode each distinct image once (``mm_encoder_outputs``).
-        vision_adapted: the vision side carries an adapter (reference image features differ).
-        autocast: mixed-precision context factory (``accelerator.autocast``).
 
-    Returns:
-        (:class:`~fire_mpo_core.losses.base.LossOutput` with [B] fields, counters
-        ``image_encodes`` and ``rows``).
-    """
-    loss_fn = build_loss(loss_cfg)
-    wanted = ["clean_chosen", "clean_rejected"]
-    if bool(batch.has_corrupted.any()):
-        wanted += [b for b in loss_fn.corrupt_branches if b in batch.branches()]
-    if reference is not None:
-        _check_reference_counts(batch, {b: reference[b] for b in wanted})
-    hf = hf_model(model)
-    head = hf.get_output_embeddings()
-    weight, bias = head_weight(head)  # gathered when sharded (every rank, once per batch)
-    n_pairs, device = batch.num_pairs, batch.row_pair.device
-    all_rows = torch.arange(batch.num_rows, device=device)
-    cc_rows = batch.rows["clean_chosen"]
-    stats = {"image_encodes": 0, "rows": batch.num_rows}
+@dataclass
+class _Run:
+    """What one training run holds between setup, its steps and save."""
 
-    # --- policy: one forward over every row
-    with autocast():
-        feats = None
-        if shared_images:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and vision_adapted):
-                feats = encode_images(model, batch)
-            stats["image_encodes"] += len(feats)
-        hidden, width = forward_hidden(model, batch, None, feats)
-    if not shared_images:
-        stats["image_encodes"] += batch.num_rows
-    labels_all, span_all = shifted_targets(batch, all_rows, width)  # [R, W-1]
+    job: TrainJob
+    accelerator: Accelerator
+    world: DistInfo
+    processor: Any
+    model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    pairs: list[PreferencePair]
+    rejects: list[dict[str, str]]
+    order: DataOrder
+    total: int
+    digest: str
+    loss_fn: PreferenceLoss
+    table: ReferenceTable | None
+    images: ImageCache
+    sharded: bool
+    shared_images: bool
+    vision_adapted: bool
+    t_start: float
+    start: int = 0
+    resumed_from: int | None = None
+    writer: Any = None
+    window: list[dict[str, float]] = field(default_factory=list)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    pairs_done: int = 0
+    encodes_done: int = 0
 
-    # --- reference: all rows (no artifact) or the (v, y+) rows for the KL (artifact)
-    ref_hidden = None
-    ref_rows: Tensor | None = None
-    reference_on_cc = reference is not None  # in-step reference only on the (v, y+) rows
-    if reference is None:
-        ref_rows = all_rows
-    elif loss_fn.kl_on is not None:
-        ref_rows = cc_rows
-    if ref_rows is not None:
-        ref_hidden, ref_width, enc = _reference_forward(
-            model, batch, ref_rows, feats, shared_images, vision_adapted, autocast
-        )
-        stats["image_encodes"] += enc if shared_images else int(ref_rows.numel())
-    if reference is None and use_fused:
-        reference = branch_reference_sums(model, batch, chunk_size, hidden=(ref_hidden, ref_width))
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.job.cfg
 
-    if use_fused:
-        if hasattr(head, "base_layer"):
-            raise ValueError("use_fused needs a frozen lm_head, but it carries a LoRA adapter")
-        h = hidden[:, :-1].to(weight.dtype)
-        branches = {}
-        for branch in wanted:
-            rows, pairs = batch.present(branch)
-            lab, sp = labels_all[rows], span_all[rows]
-            mask = lab != IGNORE_INDEX
-            branches[branch] = FusedBranch(
-                hidden=h[rows][mask],
-                targets=lab[mask],
-                pair_index=pairs.unsqueeze(1).expand_as(lab)[mask],
-                span_mask=sp[mask],
-                reference_logp=reference[branch].logp,
-                reference_span_logp=reference[branch].span_logp,
-            )
-        ref_kl = None
-        if loss_fn.kl_on is not None:
-            # Reference states of every response token of (v, y+), in the packing order above.
-            lab_cc = labels_all[cc_rows, : ref_width - 1]
-            ref_h = ref_hidden if reference_on_cc else ref_hidden[cc_rows]
-            ref_kl = ref_h[:, : ref_width - 1][lab_cc != IGNORE_INDEX].to(weight.dtype)
-        out = preference_outputs_from_hidden(
-            loss_cfg,
-            branches,
-            weight,
-            batch.has_corrupted,
-            lm_head_bias=bias,
-            reference_kl_hidden=ref_kl,
-            chunk_size=chunk_size,
-        )
-        return out, stats
 
-    # --- naive path: full logits [R, W-1, V]
-    with autocast():
-        logits = head(hidden)[:, :-1]
-
-    def gather(branch: str) -> tuple[Tensor, Tensor, Tensor]:
-        # [B]-shaped view of a branch; pairs without it read their (v, y+) row with no labels.
-        r = batch.rows[branch]
-        present = r >= 0
-        idx = torch.where(present, r, cc_rows)
-        lab = labels_all[idx].masked_fill(~present.unsqueeze(1), IGNORE_INDEX)
-        return idx, lab, span_all[idx] & present.unsqueeze(1)
-
-    if reference is None:  # the public naive contract, reference logits on every branch
-        with torch.no_grad(), model.disable_adapter(), autocast():  # an adapted head, too
-            ref_logits = head(ref_hidden)[:, :-1]
-        pol, ref, labs, spans = {}, {}, {}, {}
-        for branch in wanted:
-            idx, labs[branch], spans[branch] = gather(branch)
-            pol[branch], ref[branch] = logits[idx], ref_logits[idx]
-        out = preference_outputs_from_logits(loss_cfg, pol, ref, labs, spans, batch.has_corrupted)
-        return out, stats
-
-    logps: dict[str, BranchLogps] = {}
-    for branch in wanted:
-        idx, lab, sp = gather(branch)
-        tok, mask = token_logps(torch.log_softmax(_upcast(logits[idx]), -1), lab)
-        logps[branch] = BranchLogps(
-            policy=tok.sum(-1),
-            reference=reference[branch].logp.to(tok.dtype),
-            policy_span=torch.where(sp & mask, tok, torch.zeros_like(tok)).sum(-1),
-            reference_span=reference[branch].span_logp.to(tok.dtype),
-            num_tokens=mask.sum(-1),
-        )
-    kl_forward = kl_reverse = None
-    if loss_fn.kl_on is not None:
-        lab_cc, sp_cc = labels_all[cc_rows, : ref_width - 1], span_all[cc_rows, : ref_width - 1]
-        pos = lab_cc != IGNORE_INDEX
-        if loss_fn.kl_on == "spans":
-            pos = pos & sp_cc
-        pol_lp = torch.log_softmax(_upcast(logits[cc_rows, : ref_width - 1][pos]), -1)
-        with torch.no_grad(), model.disable_adapter(), autocast():
-            ref_logits = head(ref_hidden[:, : ref_width - 1][pos])
-        fwd, rev = kl_per_position(pol_lp, torch.log_softmax(_upcast(ref_logits), -1))
-        pair_index = torch.arange(n_pairs, device=device).unsqueeze(1).expand_as(pos)[pos]
-        zeros = fwd.new_zeros(n_pairs)
-        kl_forward = zeros.index_add(0, pair_index, fwd)
-        kl_reverse = zeros.index_add(0, pair_index, rev)
-    out = loss_fn(
-        PreferenceLogps(
-            clean_chosen=logps["clean_chosen"],
-            clean_rejected=logps["clean_rejected"],
-            corrupt_chosen=logps.get("corrupt_chosen"),
-            corrupt_rejected=logps.get("corrupt_rejected"),
-            has_corrupted=batch.has_corrupted,
-            kl_forward=kl_forward,
-            kl_reverse=kl_reverse,
-        )
+def setup(job: TrainJob) -> _Run:
+    """Pairs, model + adapter (sharded when configured), reference table, optimizer and
+    schedule, then the newest checkpoint's state and the metric writers."""
+    t_start = time.perf_counter()
+    job = job.resolved()
+    cfg = job.cfg
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    rejects: list[dict[str, str]] = []
+    pairs = load_pairs(
+        job.pairs_path,
+        on_reject=lambda i, r: rejects.append({"id": i, "reason": r}),
+        image_root=job.image_root,
+        corrupt_root=job.corrupt_root,
+        visual_gate=cfg.loss.visual_gate,
     )
-    return out, stats
+    if not pairs:
+        raise ValueError(f"no trainable pairs in {job.pairs_path} ({len(rejects)} rejected)")
+    accelerator, world = _accelerator(cfg.dtype), DistInfo.current()
+    _check_world(accelerator, world)
+    processor, model, sharded = _policy_model(job, accelerator, world)
+    loss_fn = build_loss(cfg.loss)
+    table = _load_reference(job, pairs) if cfg.use_reference_artifact else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    lengths = [pair_length(p) for p in pairs]
+    order = DataOrder(
+        len(pairs),
+        cfg.batch_size,
+        cfg.seed,
+        lengths if cfg.group_by_length else None,
+        longest_first=lengths,
+    )
+    total = total_steps(cfg, order)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
+    if not world.active:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Several processes: no prepare(). DDP would only sync gradients of forwards through its
+    # own forward (we call submodules), and accelerate's scheduler wrapper steps N times a step.
+    run = _Run(
+        job=job,
+        accelerator=accelerator,
+        world=world,
+        processor=processor,
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        pairs=pairs,
+        rejects=rejects,
+        order=order,
+        total=total,
+        digest=_digest(cfg, job.policy, pairs),
+        loss_fn=loss_fn,
+        table=table,
+        images=ImageCache(job.image_root, job.corrupt_root),
+        sharded=sharded,
+        shared_images=supports_shared_images(model),
+        vision_adapted=vision_adapted(model),
+        t_start=t_start,
+    )
+    _resume(run)
+    run.writer = _open_writers(run)
+    return run
 
 
-# --------------------------------------------------------------------------- metrics
+def _check_world(accelerator: Accelerator, world: DistInfo) -> None:
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise NotImplementedError(
+            f"accelerate distributed_type {accelerator.distributed_type.name} is not supported: "
+            "the trainer calls the vision tower, the decoder and the lm_head itself; launch with "
+            "a MULTI_GPU config (configs/accelerate/ddp_gpu.yaml) and set train.strategy: fsdp "
+            "to shard the model (configs/accelerate/fsdp_gpu.yaml)"
+        )
+    if world.size != accelerator.num_processes:
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} processes but the torch process group "
+            f"has {world.size}"
+        )
+
+
+def _policy_model(
+    job: TrainJob, accelerator: Accelerator, world: DistInfo
+) -> tuple[Any, nn.Module, bool]:
+    """(processor, the base with its trainable adapter, sharded?)."""
+    cfg, policy = job.cfg, job.policy
+    processor = load_processor(policy.base, trust_remote_code=policy.trust_remote_code)
+    base = load_model(
+        policy.base,
+        dtype=cfg.dtype,
+        device=str(accelerator.device),
+        trust_remote_code=policy.trust_remote_code,
+    )
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(cfg.seed)  # the LoRA init is the first random draw
+    model = attach_lora(base, policy, cfg.lora)
+    model.train()
+    sharded = cfg.strategy == "fsdp" and world.active
+    if sharded:  # FSDP2 units over the frozen base and the adapter (training/sharding.py)
+        sharding.shard_model(model)
+    return processor, model, sharded
+
+
+def _resume(run: _Run) -> None:
+    """Continue from the newest checkpoint of the same config, policy and pairs."""
+    cfg, out_dir = run.cfg, run.job.out_dir
+    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    if not cfg.resume:
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    if ckpt is None:
+        return
+    state = load_checkpoint(
+        ckpt,
+        run.accelerator.unwrap_model(run.model),
+        run.optimizer,
+        run.scheduler,
+        load_model_and_optimizer=not run.sharded,
+    )
+    if run.sharded:  # each rank its own shard of the adapter and the optimizer state
+        sharding.load_rank_state(ckpt, run.world.rank, run.model, run.optimizer)
+    if state["digest"] != run.digest:
+        raise ValueError(
+            f"checkpoint {ckpt} belongs to another config, policy or pair set; remove "
+            f"{out_dir / CHECKPOINTS} or set resume=False"
+        )
+    run.start = run.resumed_from = int(state["step"])
+
+
+def _open_writers(run: _Run) -> Any:
+    """metrics.jsonl (cut back to the resumed step) and TensorBoard, on rank 0 only."""
+    if not run.world.is_main:
+        return _NullWriter()
+    metrics_path = run.job.out_dir / METRICS_FILE
+    kept = []
+    if run.resumed_from is not None and metrics_path.is_file():
+        lines = metrics_path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= run.start]
+    metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard: optional at import
+
+    return SummaryWriter(
+        str(run.job.out_dir / "tensorboard"),
+        purge_step=run.start + 1 if run.resumed_from is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------- step
+
+
+def train_step(run: _Run, step: int) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
+    cfg, world = run.cfg, run.world
+    t0 = time.perf_counter()
+    ks = range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
+    global_micro = [run.order.micro_batch(k) for k in ks]
+    n_step = sum(len(m) for m in global_micro)  # global pairs of the step, all ranks
+    micro = global_micro
+    if world.active:
+        micro = [rank_share(m, world.rank, world.size) for m in global_micro]
+        torch.manual_seed(step_seed(cfg.seed, step, world.rank))
+    run.optimizer.zero_grad(set_to_none=True)
+    meter = _Meter()
+    encodes = 0
+    for j, idx in enumerate(micro):
+        weight = 1.0
+        if not idx:  # a global micro-batch smaller than the world leaves a rank idle
+            if not run.sharded:
+                continue
+            # Sharded: every rank runs every forward (the units gather together).
+            idx, weight = global_micro[j][:1], 0.0
+        encodes += _micro_step(run, idx, weight, n_step, meter)
+    if world.active:
+        if not run.sharded:  # FSDP2 reduce-scattered the gradients in the backward
+            sum_gradients(run.params, world)  # every rank holds the global-batch gradient
+        meter.merge(world)
+        encodes = int(gather_sums({"e": float(encodes)}, world)["e"])
+    grad_norm = run.accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under sharding
+        grad_norm = grad_norm.full_tensor()
+    run.optimizer.step()
+    run.scheduler.step()
+    seconds = time.perf_counter() - t0
+    run.train_seconds += seconds
+    run.pairs_done += n_step
+    run.encodes_done += encodes
+    return {
+        **meter.means(),
+        "grad_norm": float(grad_norm),
+        "lr": run.scheduler.get_last_lr()[0],
+        "pairs_per_s": n_step / seconds,
+        "steps_per_s": 1.0 / seconds,
+        "images/encodes_per_pair": encodes / n_step,
+        "epoch": (step + 1) * cfg.grad_accum / run.order.per_epoch,
+    }
+
+
+def _micro_step(run: _Run, idx: list[int], weight: float, n_step: int, meter: _Meter) -> int:
+    """Forward + backward of one micro-batch. Its loss is summed over pairs and divided by the
+    step's pairs ``n_step`` (every pair weighs the same); ``weight`` 0 marks a sharded rank's
+    filler batch. Returns the image encodes it took (0 for a filler)."""
+    cfg, device = run.cfg, run.accelerator.device
+    chunk = [run.pairs[i] for i in idx]
+    batch = build_branch_batch(
+        run.processor,
+        chunk,
+        run.images,
+        cfg.max_length,
+        use_corrupted=bool(run.loss_fn.corrupt_branches),
+    ).to(device)
+    ref = None
+    if run.table is not None:
+        ref = {k: v.to(device) for k, v in run.table.lookup(batch.pair_ids).items()}
+    out, stats = score_batch(
+        run.model,
+        batch,
+        cfg.loss,
+        use_fused=cfg.use_fused,
+        chunk_size=cfg.effective_chunk_size,
+        reference=ref,
+        shared_images=run.shared_images,
+        vision_adapted=run.vision_adapted,
+        autocast=run.accelerator.autocast,
+    )
+    if run.sharded:
+        weight *= sharding.loss_scale(run.world.size)
+    run.accelerator.backward(out.loss.sum() * weight / n_step)
+    if not weight:
+        return 0
+    meter.add_output(run.loss_fn, out)
+    return stats["image_encodes"]
+
+
+def log_and_checkpoint(run: _Run, done: int, metrics: dict[str, float]) -> None:
+    """Every ``logging_every`` steps the window's means to metrics.jsonl / TensorBoard; every
+    ``save_every`` steps a checkpoint (rank 0; per-rank shards under sharding)."""
+    cfg, world = run.cfg, run.world
+    run.window.append(metrics)
+    if done % cfg.logging_every == 0 or done == run.total:
+        path = run.job.out_dir / METRICS_FILE
+        run.final_metrics = _log(path, run.writer, done, run.window, write=world.is_main)
+        run.window = []
+    if not (cfg.save_every and done % cfg.save_every == 0 and done < run.total):
+        return
+    shards = full = None
+    if run.sharded:  # every rank: its shard to a side folder, the full adapter gathered
+        shards = run.job.out_dir / CHECKPOINTS / f".shards-step-{done}"
+        sharding.save_rank_state(shards, world.rank, run.model, run.optimizer)
+        full = sharding.full_adapter_state(run.model)
+        barrier(world)
+    if world.is_main:  # adapter and optimizer are identical on every rank (DDP)
+        save_checkpoint(
+            run.job.out_dir,
+            done,
+            run.accelerator.unwrap_model(run.model),
+            run.optimizer,
+            run.scheduler,
+            {
+                "step": done,
+                "micro_batches_done": done * cfg.grad_accum,
+                "digest": run.digest,
+                "num_processes": world.size,
+                "strategy": cfg.strategy,
+            },
+            keep=cfg.keep_checkpoints,
+            adapter_state=None if full is None else _peft_state(run.model, full),
+            optimizer_state=None if not run.sharded else {"sharded": True},
+            extra_dir=shards,
+        )
+    barrier(world)  # no rank runs ahead of a checkpoint that may not exist yet
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save(run: _Run) -> TrainResult:
+    """The adapter (relocatable), the merged model when asked, and the run's numbers."""
+    cfg, world, out_dir = run.cfg, run.world, run.job.out_dir
+    peft_model = run.accelerator.unwrap_model(run.model)
+    adapter_dir = out_dir / ADAPTER_DIR
+    merged_dir = out_dir / MERGED_DIR if cfg.merge_adapter else None
+    adapters = len(adapted_modules(peft_model))
+    full = sharding.full_adapter_state(peft_model) if run.sharded else None  # every rank
+    if world.is_main:
+        if full is None:
+            peft_model.save_pretrained(str(adapter_dir))
+        else:
+            peft_model.save_pretrained(str(adapter_dir), state_dict=full)
+        make_adapter_relocatable(adapter_dir)  # no absolute store path inside the store
+        if merged_dir is not None:
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(str(merged_dir))
+            run.processor.save_pretrained(str(merged_dir))
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    barrier(world)  # the adapter exists before any rank reports success
+    steps_run, secs = run.total - run.start, run.train_seconds
+    policy = run.job.policy
+    return TrainResult(
+        policy=PolicyRef(
+            base=policy.base,
+            adapter=str(adapter_dir.resolve()),
+            trust_remote_code=policy.trust_remote_code,
+        ),
+        merged=str(merged_dir.resolve()) if merged_dir else None,
+        steps=run.total,
+        pairs=len(run.pairs),
+        pairs_with_corrupted=sum(p.corrupted_image is not None for p in run.pairs),
+        rejects=run.rejects,
+        resumed_from_step=run.resumed_from,
+        final_metrics=run.final_metrics,
+        seconds=round(time.perf_counter() - run.t_start, 3),
+        steps_per_s=steps_run / secs if secs else 0.0,
+        pairs_per_s=run.pairs_done / secs if secs else 0.0,
+        image_encodes_per_pair_step=run.encodes_done / run.pairs_done if run.pairs_done else 0.0,
+        trainable_parameters=sum(p.numel() for p in run.params),
+        adapted_modules=adapters,
+        num_processes=world.size,
+        strategy=cfg.strategy if world.active else "single",
+    )
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 class _Meter:
@@ -490,80 +556,22 @@ def _digest(cfg: TrainConfig, policy: PolicyRef, pairs: Sequence[PreferencePair]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _longest_batch_first(perm: list[int], lengths: Sequence[int], batch_size: int) -> list[int]:
-    """``perm`` with its longest ``batch_size`` slice (by its longest item) swapped to the front.
-
-    Each micro-batch pads to its own longest row, so the step memory follows the batch's
-    length: with the longest batch first, step 1 reaches the epoch's peak, an out-of-memory
-    shows at once, and no later step needs more memory than step 1 left resident (measured:
-    a random first batch made the step memory grow above step 1 whenever a longer batch came
-    later). The other batches keep their random order."""
-    batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
-    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-    batches[0], batches[longest] = batches[longest], batches[0]
-    return [i for b in batches for i in b]
-
-
-class _DataOrder:
-    """Micro-batch k of an endless stream of seeded epoch permutations (no state to save)."""
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int,
-        lengths: Sequence[int] | None = None,
-        longest_first: Sequence[int] | None = None,
-    ) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = math.ceil(n / batch_size)
-        self.lengths = lengths  # set: length-grouped epochs (less padding per micro-batch)
-        self.longest_first = longest_first  # set: a random epoch starts with its longest batch
-        self._perms: dict[int, list[int]] = {}
-
-    def micro_batch(self, k: int) -> list[int]:
-        epoch, j = divmod(k, self.per_epoch)
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            if self.lengths is not None:
-                perm = length_grouped_permutation(self.lengths, self.batch_size, g)
-            else:
-                perm = torch.randperm(self.n, generator=g).tolist()
-                if self.longest_first is not None:
-                    perm = _longest_batch_first(perm, self.longest_first, self.batch_size)
-            self._perms = {epoch: perm}
-        return self._perms[epoch][j * self.batch_size : (j + 1) * self.batch_size]
-
-
-def _total_steps(cfg: TrainConfig, order: _DataOrder) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    micro = math.ceil(cfg.epochs * order.per_epoch)
-    return max(1, math.ceil(micro / cfg.grad_accum))
-
-
-def _load_reference(
-    reference_path: str | Path | None,
-    policy: PolicyRef,
-    pairs: list[PreferencePair],
-    image_root: Path,
-    corrupt_root: Path,
-    cfg: TrainConfig,
-    out_dir: Path,
-) -> ReferenceTable:
+def _load_reference(job: TrainJob, pairs: list[PreferencePair]) -> ReferenceTable:
+    """The per-round reference table: the job's artifact, or one computed here (rank 0)."""
+    cfg, reference_path = job.cfg, job.reference_path
     if reference_path is None:
         world = DistInfo.current()
         if world.is_main:  # one rank computes the artifact, the others wait and read it
             compute_reference_logprobs(
-                policy,
+                job.policy,
                 pairs,
-                image_root,
-                corrupt_root,
+                job.image_root,
+                job.corrupt_root,
                 ReferenceConfig.for_training(cfg),
-                out_dir / "reference",
+                job.out_dir / "reference",
             )
         barrier(world)
-        reference_path = out_dir / "reference"
+        reference_path = job.out_dir / "reference"
     table = ReferenceTable.load(reference_path)
     if table.max_length != cfg.max_length:
         raise ValueError(
@@ -571,309 +579,6 @@ def _load_reference(
             f"max_length={cfg.max_length}; recompute it with ReferenceConfig.for_training(cfg)"
         )
     return table
-
-
-def train_preference(
-    policy: PolicyRef,
-    pairs_path: str | Path,
-    image_root: str | Path,
-    corrupt_root: str | Path | None,
-    reference_path: str | Path | None,
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    on_step: StepCallback | None = None,
-) -> dict[str, Any]:
-    """Train a LoRA adapter on the pairs with ``cfg.loss``; see the module docstring.
-
-    Args:
-        policy: base model (and, round k > 1, the adapter to continue training).
-        pairs_path: the pairs' ``data.jsonl`` (or its folder). Invalid pairs (empty or
-            out-of-range spans, missing images) are skipped and listed in ``rejects``.
-        image_root: folder the pairs' ``image`` paths are relative to.
-        corrupt_root: folder the ``corrupted_image`` paths are relative to; None: the folder of
-            ``pairs_path``.
-        reference_path: the reference artifact (``reference.safetensors`` or its folder); None
-            with ``cfg.use_reference_artifact`` computes it into ``out_dir/reference``. Unused
-            when ``cfg.use_reference_artifact`` is False.
-        cfg: the training config.
-        out_dir: output folder (created); a resumable run's checkpoints live here.
-        on_step: optional progress callback ``on_step(step, total_steps, step_metrics)``.
-
-    Returns:
-        ``policy`` (a :class:`~fire_mpo_core.policy.PolicyRef` dict: base + absolute adapter
-        path), ``merged`` (path or None), ``steps``, ``pairs``, ``pairs_with_corrupted``,
-        ``rejects`` (list of {id, reason}), ``resumed_from_step``, ``final_metrics`` (the last
-        logged line), ``seconds``, ``steps_per_s``, ``pairs_per_s``,
-        ``image_encodes_per_pair_step``, ``trainable_parameters``, ``adapted_modules``.
-    """
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pairs_path, image_root = Path(pairs_path), Path(image_root)
-    if corrupt_root is None:
-        corrupt_root = pairs_path if pairs_path.is_dir() else pairs_path.parent
-    corrupt_root = Path(corrupt_root)
-    rejects: list[dict[str, str]] = []
-    pairs = load_pairs(
-        pairs_path,
-        on_reject=lambda i, r: rejects.append({"id": i, "reason": r}),
-        image_root=image_root,
-        corrupt_root=corrupt_root,
-        visual_gate=cfg.loss.visual_gate,
-    )
-    if not pairs:
-        raise ValueError(f"no trainable pairs in {pairs_path} ({len(rejects)} rejected)")
-
-    accelerator = _accelerator(cfg.dtype)
-    world = DistInfo.current()
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise NotImplementedError(
-            f"accelerate distributed_type {accelerator.distributed_type.name} is not supported: "
-            "the trainer calls the vision tower, the decoder and the lm_head itself; launch with "
-            "a MULTI_GPU config (configs/accelerate/ddp_gpu.yaml) and set train.strategy: fsdp "
-            "to shard the model (configs/accelerate/fsdp_gpu.yaml)"
-        )
-    if world.size != accelerator.num_processes:
-        raise RuntimeError(
-            f"accelerate sees {accelerator.num_processes} processes but the torch process group "
-            f"has {world.size}"
-        )
-    processor = load_processor(policy.base, trust_remote_code=policy.trust_remote_code)
-    base = load_model(
-        policy.base,
-        dtype=cfg.dtype,
-        device=str(accelerator.device),
-        trust_remote_code=policy.trust_remote_code,
-    )
-    if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(cfg.seed)  # the LoRA init is the first random draw
-    model = attach_lora(base, policy, cfg.lora)
-    model.train()
-    vision_adapted = _vision_adapted(model)
-    sharded = cfg.strategy == "fsdp" and world.active
-    if sharded:  # FSDP2 units over the frozen base and the adapter (training/sharding.py)
-        from fire_mpo_core.training import sharding
-
-        sharding.shard_model(model)
-    shared_images = supports_shared_images(model)
-    loss_fn = build_loss(cfg.loss)
-    use_corrupted = bool(loss_fn.corrupt_branches)
-    table = None
-    if cfg.use_reference_artifact:
-        table = _load_reference(
-            reference_path, policy, pairs, image_root, corrupt_root, cfg, out_dir
-        )
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    lengths = [pair_length(p) for p in pairs]
-    order = _DataOrder(
-        len(pairs),
-        cfg.batch_size,
-        cfg.seed,
-        lengths if cfg.group_by_length else None,
-        longest_first=lengths,
-    )
-    total = _total_steps(cfg, order)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
-    if not world.active:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    # Several processes: no prepare(). DDP would only sync gradients of forwards through its
-    # own forward (we call submodules), and accelerate's scheduler wrapper steps N times a step.
-    device = accelerator.device
-    digest = _digest(cfg, policy, pairs)
-
-    start = 0
-    resumed_from = None
-    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
-    if not cfg.resume:
-        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-    if ckpt is not None:
-        state = load_checkpoint(
-            ckpt,
-            accelerator.unwrap_model(model),
-            optimizer,
-            scheduler,
-            load_model_and_optimizer=not sharded,
-        )
-        if sharded:  # each rank its own shard of the adapter and the optimizer state
-            sharding.load_rank_state(ckpt, world.rank, model, optimizer)
-        if state["digest"] != digest:
-            raise ValueError(
-                f"checkpoint {ckpt} belongs to another config, policy or pair set; remove "
-                f"{out_dir / CHECKPOINTS} or set resume=False"
-            )
-        start = resumed_from = int(state["step"])
-
-    metrics_path = out_dir / METRICS_FILE
-    writer: Any = _NullWriter()
-    if world.is_main:  # rank 0 alone writes metrics, TensorBoard, checkpoints and the adapter
-        kept = []
-        if resumed_from is not None and metrics_path.is_file():
-            lines = metrics_path.read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-
-        from torch.utils.tensorboard import SummaryWriter  # tensorboard: optional at import
-
-        writer = SummaryWriter(
-            str(out_dir / "tensorboard"),
-            purge_step=start + 1 if resumed_from is not None else None,
-        )
-    images = ImageCache(image_root, corrupt_root)
-    window: list[dict[str, float]] = []
-    final_metrics: dict[str, float] = {}
-    train_seconds = 0.0
-    pairs_done = encodes_done = 0
-    try:
-        loss_fn = build_loss(cfg.loss)  # what the meter logs comes from the loss itself
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            ks = range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
-            global_micro = [order.micro_batch(k) for k in ks]
-            n_step = sum(len(m) for m in global_micro)  # global pairs of the step, all ranks
-            micro = global_micro
-            if world.active:
-                micro = [rank_share(m, world.rank, world.size) for m in global_micro]
-                torch.manual_seed(step_seed(cfg.seed, step, world.rank))
-            optimizer.zero_grad(set_to_none=True)
-            meter = _Meter()
-            encodes = 0
-            for j, idx in enumerate(micro):
-                weight = 1.0
-                if not idx:  # a global micro-batch smaller than the world leaves a rank idle
-                    if not sharded:
-                        continue
-                    # Sharded: every rank runs every forward (the units gather together).
-                    idx, weight = global_micro[j][:1], 0.0
-                chunk = [pairs[i] for i in idx]
-                batch = build_branch_batch(
-                    processor, chunk, images, cfg.max_length, use_corrupted=use_corrupted
-                ).to(device)
-                ref = None
-                if table is not None:
-                    ref = {k: v.to(device) for k, v in table.lookup(batch.pair_ids).items()}
-                out, stats = score_batch(
-                    model,
-                    batch,
-                    cfg.loss,
-                    use_fused=cfg.use_fused,
-                    chunk_size=cfg.effective_chunk_size,
-                    reference=ref,
-                    shared_images=shared_images,
-                    vision_adapted=vision_adapted,
-                    autocast=accelerator.autocast,
-                )
-                # Sum over the step's pairs / their count: every pair weighs the same.
-                if sharded:
-                    weight *= sharding.loss_scale(world.size)
-                accelerator.backward(out.loss.sum() * weight / n_step)
-                if weight:
-                    meter.add_output(loss_fn, out)
-                    encodes += stats["image_encodes"]
-            if world.active:
-                if not sharded:  # FSDP2 reduce-scattered the gradients in the backward
-                    sum_gradients(params, world)  # every rank holds the global-batch gradient
-                meter.merge(world)
-                encodes = int(gather_sums({"e": float(encodes)}, world)["e"])
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under sharding
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            scheduler.step()
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            pairs_done += n_step
-            encodes_done += encodes
-            metrics = meter.means()
-            metrics.update(
-                {
-                    "grad_norm": float(grad_norm),
-                    "lr": scheduler.get_last_lr()[0],
-                    "pairs_per_s": n_step / seconds,
-                    "steps_per_s": 1.0 / seconds,
-                    "images/encodes_per_pair": encodes / n_step,
-                    "epoch": (step + 1) * cfg.grad_accum / order.per_epoch,
-                }
-            )
-            window.append(metrics)
-            done = step + 1
-            if done % cfg.logging_every == 0 or done == total:
-                final_metrics = _log(metrics_path, writer, done, window, write=world.is_main)
-                window = []
-            if cfg.save_every and done % cfg.save_every == 0 and done < total:
-                shards = full = None
-                if sharded:  # every rank: its shard to a side folder, the full adapter gathered
-                    shards = out_dir / CHECKPOINTS / f".shards-step-{done}"
-                    sharding.save_rank_state(shards, world.rank, model, optimizer)
-                    full = sharding.full_adapter_state(model)
-                    barrier(world)
-                if world.is_main:  # adapter and optimizer are identical on every rank (DDP)
-                    save_checkpoint(
-                        out_dir,
-                        done,
-                        accelerator.unwrap_model(model),
-                        optimizer,
-                        scheduler,
-                        {
-                            "step": done,
-                            "micro_batches_done": done * cfg.grad_accum,
-                            "digest": digest,
-                            "num_processes": world.size,
-                            "strategy": cfg.strategy,
-                        },
-                        keep=cfg.keep_checkpoints,
-                        adapter_state=None if full is None else _peft_state(model, full),
-                        optimizer_state=None if not sharded else {"sharded": True},
-                        extra_dir=shards,
-                    )
-                barrier(world)  # no rank runs ahead of a checkpoint that may not exist yet
-            if on_step is not None:
-                on_step(done, total, metrics)
-    finally:
-        writer.close()
-
-    peft_model = accelerator.unwrap_model(model)
-    adapter_dir = out_dir / ADAPTER_DIR
-    merged_dir = out_dir / MERGED_DIR if cfg.merge_adapter else None
-    adapters = len(adapted_modules(peft_model))
-    full = sharding.full_adapter_state(peft_model) if sharded else None  # every rank
-    if world.is_main:
-        if full is None:
-            peft_model.save_pretrained(str(adapter_dir))
-        else:
-            peft_model.save_pretrained(str(adapter_dir), state_dict=full)
-        make_adapter_relocatable(adapter_dir)  # no absolute store path inside the store
-        if merged_dir is not None:
-            merged = peft_model.merge_and_unload()
-            merged.save_pretrained(str(merged_dir))
-            processor.save_pretrained(str(merged_dir))
-        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-    barrier(world)  # the adapter exists before any rank reports success
-    steps_run = total - start
-    return {
-        "policy": PolicyRef(
-            base=policy.base,
-            adapter=str(adapter_dir.resolve()),
-            trust_remote_code=policy.trust_remote_code,
-        ).model_dump(),
-        "merged": str(merged_dir.resolve()) if merged_dir else None,
-        "steps": total,
-        "pairs": len(pairs),
-        "pairs_with_corrupted": sum(p.corrupted_image is not None for p in pairs),
-        "rejects": rejects,
-        "resumed_from_step": resumed_from,
-        "final_metrics": final_metrics,
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "steps_per_s": steps_run / train_seconds if train_seconds else 0.0,
-        "pairs_per_s": pairs_done / train_seconds if train_seconds else 0.0,
-        "image_encodes_per_pair_step": encodes_done / pairs_done if pairs_done else 0.0,
-        "trainable_parameters": sum(p.numel() for p in params),
-        "adapted_modules": adapters,
-        "num_processes": world.size,
-        "strategy": cfg.strategy if world.active else "single",
-    }
 
 
 def _peft_state(model: nn.Module, full: dict[str, Tensor]) -> dict[str, Tensor]:
