@@ -28,7 +28,7 @@ from fire_mpo_core.compare import (
 )
 from fire_mpo_core.config import ConfigError
 from fire_mpo_core.store import read_manifest
-from tests.test_flow import SMALL
+from testing_support.flow_runs import SMALL
 
 AVG = ["closed_accuracy", "open_recall"]
 

@@ -75,15 +75,15 @@ def test_same_and_different_keys_at_once_never_clobber(tmp_path, resumable):
 
 @pytest.mark.slow
 def test_two_full_cycles_on_one_store_at_once(tmp_path):
-    from tests.test_fault_injection import CONFIG
+    from testing_support.cycle import FAULT_CYCLE as CONFIG
 
     store = tmp_path / "store"
     config = tmp_path / "cycle.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "store": str(store)}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     code = (
-        "import sys; from tests.test_fault_injection import run_cycle_direct; "
-        f"print('RESULT', run_cycle_direct({str(config)!r}))"
+        "from testing_support.cycle import run_cycle_direct; "
+        f"print('RESULT', run_cycle_direct({str(config)!r}, reuse=False))"
     )
     procs = [
         subprocess.Popen(

@@ -51,8 +51,7 @@ from flows.next_round import next_round, rounds_done
 from flows.remote import check_shared_store
 from flows.stage import main as stage_main
 from flows.stage import rerun_stage, target_round
-from tests.conftest import task_states
-from tests.test_flow import ALL_RUNS, CACHED_RUN, ROUND_STAGES, SMALL
+from testing_support.flow_runs import ALL_RUNS, CACHED_RUN, ROUND_STAGES, SMALL, task_states
 
 EXPECTED = {
     "fire-mpo/full-cycle",

@@ -19,11 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fire_mpo_core.config import DataConfig, ModelConfig
-from fire_mpo_core.data.synthlesion import generate_synthlesion, load_records
-from fire_mpo_core.models import build_tiny_model
-from fire_mpo_core.policy import PolicyRef
-from fire_mpo_core.training.config import LoRAConfig, ReferenceConfig, TrainConfig
+from fire_mpo_core.training.config import LoRAConfig, TrainConfig
 from fire_mpo_core.training.distributed import rank_share, step_seed
 from fire_mpo_core.training.launch import (
     LaunchError,
@@ -34,8 +30,7 @@ from fire_mpo_core.training.launch import (
     run_streaming,
 )
 from fire_mpo_core.training.preference import train_preference
-from fire_mpo_core.training.reference import compute_reference_logprobs
-from tests.helpers_pairs import write_pairs
+from testing_support.world import TRAINER_WORLD
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -112,34 +107,12 @@ def test_progress_lines_are_parsed_and_a_failing_child_raises_its_error(tmp_path
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    """SynthLesion (8 train scans), a tiny LLaVA, 8 pairs with v', their reference artifact."""
+def world(tiny_world) -> dict:
+    """SynthLesion (8 train scans), a tiny LLaVA, 8 pairs with v', their reference artifact: the
+    trainer tests' world."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ddp")
-    data = root / "data"
-    generate_synthlesion(
-        DataConfig(
-            image_size=32,
-            n_train_images=8,
-            n_val_images=0,
-            n_test_images=1,
-            questions_per_image=2,
-            report_fraction=0.0,
-        ),
-        data,
-    )
-    records = [r for r in load_records(data) if r.split == "train"]
-    texts = [t for r in records for t in (r.question, r.answer)]
-    model_cfg = ModelConfig(
-        hidden_size=64, num_heads=2, vocab_size=300, vision_hidden_size=32, vision_layers=1
-    )
-    base = build_tiny_model(model_cfg, texts, 32, root / "base")
-    pairs_path = write_pairs(records, data, root / "pairs", n=8)
-    policy = PolicyRef(base=str(base))
-    ref = compute_reference_logprobs(
-        policy, pairs_path, data, None, ReferenceConfig(max_length=128), root / "reference"
-    )
-    return {"root": root, "args": (policy, pairs_path, data, None, Path(ref["path"]))}
+    w = tiny_world(**TRAINER_WORLD)
+    return {"args": (w["policy"], w["pairs_path"], w["data"], None, w["reference"])}
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -166,9 +139,9 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(world) -> dict:
+def two_ranks(world, tmp_path_factory) -> dict:
     """The uninterrupted 2-rank run (shared by the match and the resume tests)."""
-    out = world["root"] / "two"
+    out = tmp_path_factory.mktemp("ddp") / "two"
     steps: list[tuple[int, int]] = []
     lines: list[str] = []
     result = launch_training(

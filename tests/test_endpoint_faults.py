@@ -23,8 +23,9 @@ from fire_mpo_core.store import ArtifactStore, TooManyRejects
 from tasks import judge as judge_task
 from tasks import sample as sample_task
 from tasks.common import StageCall
-from tests.fake_openai import FakeOpenAI, drop, hang, ok, rate_limited, server_error
-from tests.test_reliability_inputs import GOOD_REPLY, RESPONSE, _line, dataset, finished, png
+from testing_support.fake_openai import FakeOpenAI, drop, hang, ok, rate_limited, server_error
+from testing_support.stage_inputs import GOOD_REPLY, RESPONSE, dataset, finished, png
+from testing_support.stage_inputs import record_line as _line
 
 KEY_ENV = "FIRE_MPO_TEST_ENDPOINT_KEY"
 

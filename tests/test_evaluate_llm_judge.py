@@ -15,7 +15,7 @@ from fire_mpo_core.evaluation.llm_judge import (
     judge_open_answers,
 )
 from fire_mpo_core.openai_client import OpenAIEndpointConfig
-from tests.fake_openai import FakeOpenAI, ok, server_error
+from testing_support.fake_openai import FakeOpenAI, ok, server_error
 
 
 def _cfg(fake: FakeOpenAI, **kw) -> OpenAIEndpointConfig:
@@ -80,27 +80,22 @@ def test_green_scores_counts_errors_from_the_reply():
     assert got["r1"]["significant_errors"]["c"] == 1
 
 
-def test_evaluate_policy_with_both_endpoints(tmp_path):
+def test_evaluate_policy_with_both_endpoints(tiny_world, tmp_path):
     """Wiring: open answers go to the judge, reports to the GREEN prompt; metrics and rows."""
     import torch
 
-    from fire_mpo_core.config import DataConfig, EvaluateConfig, ModelConfig
-    from fire_mpo_core.data.io import load_records
-    from fire_mpo_core.data.synthlesion import generate_synthlesion
+    from fire_mpo_core.config import EvaluateConfig
     from fire_mpo_core.evaluation.llm_judge import GREEN_SYSTEM
     from fire_mpo_core.evaluation.vqa import evaluate_policy
-    from fire_mpo_core.models import build_tiny_model
     from fire_mpo_core.policy import PolicyRef
 
     torch.set_num_threads(1)
-    root = tmp_path / "d"
-    generate_synthlesion(
-        DataConfig(n_train_images=4, n_val_images=0, n_test_images=3, report_fraction=1.0), root
-    )
-    texts = [t for r in load_records(root, splits=("train",)) for t in (r.question, r.answer)]
-    build_tiny_model(
-        ModelConfig(hidden_size=64, num_heads=2, vocab_size=300), texts, 64, root / "m"
-    )
+    root = tiny_world(
+        data={"n_train_images": 4, "n_val_images": 0, "n_test_images": 3, "report_fraction": 1.0},
+        data_defaults={},
+        data_dir="",
+        models={"m": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300}},
+    )["root"]
 
     def reply(body):
         if body["messages"][0]["content"] == GREEN_SYSTEM:

@@ -6,7 +6,7 @@ image features == per-row encoding (float32, 1e-5); image tokens mapped to the p
 checked against a known mask through the model's own vision path; LoRA on the language model
 leaves the vision side untouched; the vLLM prompt / multi-modal inputs; a checkpoint made with
 plain transformers (not our builder) through the same layer; and the whole one-round cycle,
-fused and naive (tests/family_cycle.py).
+fused and naive (testing_support/cycle.py).
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fire_mpo_core.config import DataConfig, ModelConfig
-from fire_mpo_core.data.synthlesion import generate_synthlesion, load_records
 from fire_mpo_core.evaluation.grounding import _grid_and_crop, image_token_id, patch_coverage
 from fire_mpo_core.losses.config import LossConfig
 from fire_mpo_core.models import (
-    build_tiny_model,
     encode_batch,
     load_model,
     load_processor,
@@ -39,9 +36,8 @@ from fire_mpo_core.store import is_finished, read_manifest
 from fire_mpo_core.training.batching import ImageCache, build_branch_batch, load_pairs
 from fire_mpo_core.training.config import LoRAConfig
 from fire_mpo_core.training.preference import adapted_modules, attach_lora, score_batch
-from tests.family_cycle import run_cycle_direct, write_config
-from tests.foreign_checkpoints import FOREIGN, save_foreign
-from tests.helpers_pairs import write_pairs
+from testing_support.cycle import run_cycle_direct, write_config
+from testing_support.foreign_checkpoints import FOREIGN, save_foreign
 
 IMAGE_SIZE = 64
 SIZES = {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "vision_hidden_size": 32}
@@ -67,34 +63,16 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+def world(tiny_world) -> dict:
     """SynthLesion (6 train scans), 4 pairs with v', one tiny model per family."""
-    root = tmp_path_factory.mktemp("families")
-    data = root / "data"
-    generate_synthlesion(
-        DataConfig(
-            image_size=IMAGE_SIZE,
-            n_train_images=6,
-            n_val_images=0,
-            n_test_images=1,
-            questions_per_image=2,
-            report_fraction=0.0,
-        ),
-        data,
+    return tiny_world(
+        data={"image_size": IMAGE_SIZE, "n_train_images": 6},
+        models={
+            arch: {"arch": arch, "vision_layers": 2, "patch_size": 8, **SIZES}
+            for arch in TINY_ARCHS
+        },
+        pairs=4,
     )
-    records = [r for r in load_records(data) if r.split == "train"]
-    texts = [t for r in records for t in (r.question, r.answer)]
-    bases = {
-        arch: build_tiny_model(
-            ModelConfig(arch=arch, vision_layers=2, patch_size=8, **SIZES),
-            texts,
-            IMAGE_SIZE,
-            root / arch,
-        )
-        for arch in TINY_ARCHS
-    }
-    pairs_path = write_pairs(records, data, root / "pairs", n=4)
-    return {"data": data, "pairs_path": pairs_path, "bases": bases, "records": records}
 
 
 def _batch(world, processor, n: int = 3):

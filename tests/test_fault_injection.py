@@ -35,9 +35,11 @@ import pytest
 import yaml
 
 from fire_mpo_core.store import MANIFEST, digest_files, is_finished, read_manifest
+from testing_support.cycle import FAULT_CYCLE, TRAIN_STEPS, dashboard_silenced, run_one_stage
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "ft"
+RUN = FAULT_CYCLE["run"]
+CONFIG = FAULT_CYCLE
 # Stage and round of every stage output of a one-round cycle, in build order.
 STAGES = [
     ("prepare", 0),
@@ -50,32 +52,6 @@ STAGES = [
     ("train", 1),
     ("evaluate", 1),
 ]
-TRAIN_STEPS = 4
-CONFIG = {
-    "run": RUN,
-    "rounds": 1,
-    "num_threads": 1,
-    "data": {
-        "n_train_images": 16,
-        "n_val_images": 0,
-        "n_test_images": 3,
-        "questions_per_image": 2,
-        "report_fraction": 0.2,
-    },
-    "model": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16},
-    # Enough SFT for the answer format, so the judge has answers to edit and train has pairs.
-    "sft": {
-        "max_steps": 60,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "include_reports": False,
-        "vision_warmup": {"steps": 4, "batch_size": 8, "pretrain_scans": 8},
-    },
-    "sample": {"max_new_tokens": 8, "max_records": 24, "batch_size": 3, "temperature": 0.3},
-    "corrupt": {"num_workers": 0},
-    "train": {"max_steps": TRAIN_STEPS, "batch_size": 2, "save_every": 1, "keep_checkpoints": 1},
-    "evaluate": {"max_new_tokens": 6, "batch_size": 4},
-}
 # Files whose bytes legitimately differ between two runs of the same stage (timings), and
 # files compared without their timing lines.
 VOLATILE = {"train": ("tensorboard/", "metrics.jsonl")}
@@ -85,46 +61,6 @@ KILLS_PER_STAGE = 20
 
 
 # --------------------------------------------------------------------------- the fork server
-
-
-def _noop_artifact(*args, **kwargs):
-    import uuid
-
-    return uuid.uuid4()
-
-
-def _stage_call(cfg, name: str, k: int, config: dict, inputs: dict):
-    """The StageCall the flow's runner would build for (name, round k)."""
-    from tasks.common import StageCall
-
-    return StageCall(
-        store=cfg.store,
-        run=cfg.run,
-        round=k,
-        stage=name,
-        config=config,
-        inputs={n: Path(v) for n, v in inputs.items()},
-        threads=cfg.num_threads,
-    )
-
-
-def _run_stage(config_path: str, stage: str, round_: int) -> None:
-    """Build one (stage, round) with its task's own `run` function; resolve the others."""
-    from flows.full_cycle import TASKS, load_cycle_config, run_cycle
-
-    cfg = load_cycle_config(config_path)
-
-    def runner(name, k, config, inputs):
-        if any(v is None for v in inputs.values()):
-            return None
-        call = _stage_call(cfg, name, k, config, inputs)
-        task = TASKS[name]
-        if (name, k) == (stage, round_):
-            return task.fn(call)
-        out = call.output_dir(task.cache_policy.code)
-        return str(out) if is_finished(out) else None
-
-    run_cycle(cfg, runner)
 
 
 def _serve() -> None:
@@ -141,35 +77,33 @@ def _serve() -> None:
     from fire_mpo_core import faults
 
     torch.set_num_threads(1)
-    for mod in [m for name, m in sys.modules.items() if name.startswith("tasks.")]:
-        for attr in dir(mod):  # the dashboard (Prefect API) is an external service here
-            if attr.endswith("_artifact") and attr.startswith(("create_", "update_")):
-                setattr(mod, attr, _noop_artifact)
-    out = sys.stdout
-    for line in sys.stdin:
-        job = json.loads(line)
-        pid = os.fork()
-        if pid == 0:  # the child: run the stage, exit without running the server's cleanup
-            code = 1
-            try:
-                with open(job["log"], "a") as log:
-                    os.dup2(log.fileno(), 1)
-                    os.dup2(log.fileno(), 2)
-                faults.configure(job["fault"] or "", job["trace"] or "")
-                _run_stage(job["config"], job["stage"], job["round"])
-                code = 0
-            except BaseException:
-                import traceback
+    # The dashboard (Prefect API) is an external service here: silenced for every child.
+    with dashboard_silenced():
+        out = sys.stdout
+        for line in sys.stdin:
+            job = json.loads(line)
+            pid = os.fork()
+            if pid == 0:  # the child: run the stage, exit without running the server's cleanup
+                code = 1
+                try:
+                    with open(job["log"], "a") as log:
+                        os.dup2(log.fileno(), 1)
+                        os.dup2(log.fileno(), 2)
+                    faults.configure(job["fault"] or "", job["trace"] or "")
+                    run_one_stage(job["config"], job["stage"], job["round"])
+                    code = 0
+                except BaseException:
+                    import traceback
 
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        out.write(json.dumps({"status": rc}) + "\n")
-        out.flush()
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            out.write(json.dumps({"status": rc}) + "\n")
+            out.flush()
 
 
 class ForkServer:
@@ -377,24 +311,3 @@ def test_stage_survives_twenty_kills(harness, stage, round_):
     counts = _crash_and_rerun(harness, stage, round_, KILLS_PER_STAGE)
     print(f"\n{stage}-r{round_}: {counts['kill_points']} kill points of {counts['trace_len']}")
     assert counts["kill_points"] == min(KILLS_PER_STAGE, counts["trace_len"])
-
-
-def run_cycle_direct(config_path: str) -> str | None:
-    """Every stage of a cycle with the tasks' own `run` functions, no Prefect API (dashboard
-    calls are no-ops); for running whole cycles in plain child processes. Returns the last
-    evaluation folder."""
-    import flows.full_cycle as fc
-
-    for mod in [m for name, m in sys.modules.items() if name.startswith("tasks.")]:
-        for attr in dir(mod):
-            if attr.endswith("_artifact") and attr.startswith(("create_", "update_")):
-                setattr(mod, attr, _noop_artifact)
-    cfg = fc.load_cycle_config(config_path)
-
-    def runner(name, k, config, inputs):
-        if any(v is None for v in inputs.values()):
-            return None
-        call = _stage_call(cfg, name, k, config, inputs)
-        return fc.TASKS[name].fn(call)
-
-    return fc.run_cycle(cfg, runner)

@@ -11,40 +11,7 @@ import yaml
 
 from fire_mpo_core.store import read_manifest
 from flows.full_cycle import fire_mpo, main
-from tests.conftest import task_states
-
-SMALL = {
-    "run": "t",
-    "rounds": 1,
-    "num_threads": 1,
-    "data": {
-        "n_train_images": 24,
-        "n_val_images": 0,
-        "n_test_images": 8,
-        "questions_per_image": 2,
-        "report_fraction": 0.25,
-    },
-    "model": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16},
-    # Enough SFT for the answer format (not the image): the judge needs answers to edit.
-    "sft": {
-        "max_steps": 60,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "include_reports": False,
-        "vision_warmup": {"steps": 4, "batch_size": 8, "pretrain_scans": 8},
-    },
-    "sample": {"max_new_tokens": 8, "max_records": 24},
-    "train": {"max_steps": 2, "batch_size": 4, "save_every": None},
-    "evaluate": {"max_new_tokens": 8, "batch_size": 16},
-}
-ROUND_STAGES = ["sample", "judge", "corrupt", "reference", "train", "evaluate"]
-ALL_RUNS = sorted(
-    ["prepare-r0", "sft-r0", "evaluate-r0", "dashboard"] + [f"{s}-r1" for s in ROUND_STAGES]
-)
-
-
-#: Task run states of a run whose stages are all cached.
-CACHED_RUN = {**dict.fromkeys(ALL_RUNS, "Cached"), "dashboard": "Completed"}
+from testing_support.flow_runs import ALL_RUNS, CACHED_RUN, ROUND_STAGES, SMALL, task_states
 
 
 @pytest.fixture()
@@ -206,7 +173,7 @@ def test_a_stage_that_fails_once_is_retried_and_the_run_completes(prefect_harnes
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from tests.fake_openai import FakeOpenAI, ok, server_error
+    from testing_support.fake_openai import FakeOpenAI, ok, server_error
 
     with FakeOpenAI(lifetime_s=300) as fake:
         fake.script(server_error(500, message="upstream hiccup"))

@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from fire_mpo_core.config import DataConfig, EvaluateConfig, ModelConfig
+from fire_mpo_core.config import EvaluateConfig
 from fire_mpo_core.corruption.ops import dilate_mask
 from fire_mpo_core.data.io import load_records, open_image
-from fire_mpo_core.data.synthlesion import generate_synthlesion
 from fire_mpo_core.evaluation.grounding import (
     _mask,
     answer_logprobs,
@@ -27,7 +26,7 @@ from fire_mpo_core.evaluation.grounding import (
 )
 from fire_mpo_core.evaluation.probes import build_probes
 from fire_mpo_core.evaluation.vqa import evaluate_policy
-from fire_mpo_core.models import build_tiny_model, encode_batch, load_model, load_processor
+from fire_mpo_core.models import encode_batch, load_model, load_processor
 from fire_mpo_core.policy import PolicyRef
 
 
@@ -74,16 +73,15 @@ def test_evenly():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_world):
     """SynthLesion (8 train / 6 test scans) and both tiny architectures, untrained."""
-    root = tmp_path_factory.mktemp("ground")
-    generate_synthlesion(DataConfig(n_train_images=8, n_val_images=0, n_test_images=6), root)
-    train = load_records(root, splits=("train",))
-    texts = [t for r in train for t in (r.question, r.answer)]
-    for arch in ("llava", "qwen2_vl"):
-        cfg = ModelConfig(arch=arch, hidden_size=64, num_heads=2, vocab_size=300, patch_size=16)
-        build_tiny_model(cfg, texts, 64, root / arch)
-    return root
+    sizes = {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16}
+    return tiny_world(
+        data={"n_train_images": 8, "n_val_images": 0, "n_test_images": 6},
+        data_defaults={},
+        data_dir="",
+        models={arch: {"arch": arch, **sizes} for arch in ("llava", "qwen2_vl")},
+    )["root"]
 
 
 def test_removed_image_changes_only_the_grown_lesion(tiny):

@@ -21,7 +21,7 @@ from fire_mpo_core.judge.llm import (
     locate_changes,
 )
 from fire_mpo_core.judge.validate import validate_pair
-from tests.fake_openai import FakeOpenAI, ok, server_error
+from testing_support.fake_openai import FakeOpenAI, ok, server_error
 
 KEY = "sk-judge-test-9876543210"
 

@@ -52,7 +52,7 @@ def test_real_dataset_config_needs_a_path(tmp_path):
 
 def test_prepare_stage_on_a_real_jsonl_dataset(prefect_harness, realdata, tmp_path):
     from flows.full_cycle import fire_mpo
-    from tests.test_flow import SMALL
+    from testing_support.flow_runs import SMALL
 
     test = json.loads((realdata / "vqarad" / "testset.json").read_text())
     have = {p.name for p in (realdata / "vqarad" / "images").iterdir()}
@@ -176,7 +176,7 @@ def test_real_dataset_reject_budget_and_warning(prefect_harness, tmp_path):
         logging.getLogger(name).addHandler(keep)
     from fire_mpo_core.store import TooManyRejects
     from flows.full_cycle import fire_mpo
-    from tests.test_flow import SMALL
+    from testing_support.flow_runs import SMALL
 
     def config(ds: Path, name: str) -> str:
         cfg = {

@@ -4,8 +4,9 @@ error naming the file and field; never a crash of the whole stage, never a silen
 The stage-level tests run the real stage bodies (`tasks.sample.body`, `tasks.judge.body`,
 `tasks.corrupt.body`) inside ``ArtifactStore.run_stage`` on a small dataset folder holding good
 records plus one bad one, and check that every input id ends up either in the output or in
-``rejects.jsonl``. The OpenAI endpoints are the fake server of ``tests/fake_openai.py`` (real
-HTTP on 127.0.0.1); the dashboard's progress calls (Prefect API) are no-ops.
+``rejects.jsonl``. The OpenAI endpoints are the fake server of
+``testing_support/fake_openai.py`` (real HTTP on 127.0.0.1); the dashboard's progress calls
+(Prefect API) are no-ops.
 
     .venv/bin/python -m pytest tests/test_reliability_inputs.py -q
 """
@@ -18,7 +19,6 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -34,20 +34,15 @@ from tasks import corrupt as corrupt_task
 from tasks import judge as judge_task
 from tasks import sample as sample_task
 from tasks.common import StageCall
-from tests.fake_openai import FakeOpenAI, ok
+from testing_support.fake_openai import FakeOpenAI, ok
+from testing_support.stage_inputs import GOOD, GOOD_REPLY, RESPONSE, dataset, finished, png, record
+from testing_support.stage_inputs import judge_reply as _reply
+from testing_support.stage_inputs import record_line as _line
 
 KEY_ENV = "FIRE_MPO_TEST_INPUTS_KEY"
 
 
 # --------------------------------------------------------------------------- file makers
-
-
-def png(size=(16, 16), mode="RGB", seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).convert(mode).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -80,22 +75,6 @@ def palette_png() -> bytes:
     return buf.getvalue()
 
 
-def record(rid: str, **kw: Any) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "image": f"images/{rid}.png",
-        "question": "Is there a lesion?",
-        "answer": "yes",
-        "answer_type": "closed",
-        "question_type": "presence",
-        "split": "train",
-        **kw,
-    }
-
-
-GOOD = ["good-0", "good-1"]
-
-
 # --------------------------------------------------------------------------- stage plumbing
 
 
@@ -116,34 +95,6 @@ def _no_dashboard(monkeypatch):
     # Progress bars go to the Prefect API, an external service that is not under test here.
     monkeypatch.setattr(tasks.common, "create_progress_artifact", lambda *a, **k: None)
     monkeypatch.setattr(tasks.common, "update_progress_artifact", lambda *a, **k: None)
-
-
-def finished(store: ArtifactStore, stage: str, build: Callable[[Path], None]) -> Path:
-    """A finished stage folder whose files `build(folder)` writes."""
-
-    def fn(w):
-        build(w.path)
-        return {}
-
-    return store.run_stage(
-        run="r", round_=0, stage=stage, config={"fixture": stage}, inputs={}, code="t", fn=fn
-    ).path
-
-
-def dataset(store: ArtifactStore, lines: list[bytes], files: dict[str, bytes]) -> Path:
-    """A `prepare`-like folder: data.jsonl from raw lines, files, and images of GOOD records."""
-
-    def build(root: Path) -> None:
-        (root / "images").mkdir()
-        for rid in GOOD:
-            (root / "images" / f"{rid}.png").write_bytes(png(seed=len(rid)))
-        for rel, data in files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
-        good = [json.dumps(record(rid)).encode() for rid in GOOD]
-        (root / "data.jsonl").write_bytes(b"\n".join(good + lines) + b"\n")
-
-    return finished(store, "prepare", build)
 
 
 def run_body(store, stage, body, config, inputs, **kw):
@@ -195,18 +146,24 @@ def sample_stage(store, fake, prep: Path, **kw):
 Kind = tuple[bytes, dict[str, bytes], str, str]
 
 
-def _line(rid: str, **kw: Any) -> bytes:
-    return json.dumps(record(rid, **kw)).encode()
-
-
 def _bad_image(data: bytes) -> Callable[[Path], Kind]:
     return lambda tmp: (_line("bad"), {"images/bad.png": data}, "bad", "")
 
 
 RECORD_KINDS: dict[str, Callable[[Path], Kind]] = {
-    "duplicate_id": lambda tmp: (_line("good-0", question="Again?"), {}, "good-0", "duplicate id"),
+    "duplicate_id": lambda tmp: (
+        _line("good-0", question="Again?"),
+        {},
+        "good-0",
+        "duplicate id",
+    ),
     "empty_question": lambda tmp: (_line("bad", question=""), {}, "bad", "question"),
-    "whitespace_answer": lambda tmp: (_line("bad", answer="   "), {}, "bad", "only whitespace"),
+    "whitespace_answer": lambda tmp: (
+        _line("bad", answer="   "),
+        {},
+        "bad",
+        "only whitespace",
+    ),
     "nul_in_text": lambda tmp: (_line("bad", question="Is\x00there?"), {}, "bad", "control"),
     "non_utf8": lambda tmp: (b'{"id": "bad", "question": "\xff\xfe"}', {}, "data.jsonl:3", "utf"),
     "megabyte_text": lambda tmp: (_line("bad", answer="a" * 1_000_000), {}, "bad", "at most"),
@@ -454,19 +411,6 @@ def test_mask_from_source_accepts_an_all_true_box_but_not_an_all_white_file(tmp_
 # --------------------------------------------------------------------------- judge outputs
 
 
-RESPONSE = "The lesion is in the right lung."
-
-
-def _reply(verdict: str, edited: str, changes: list[tuple[str, str]]) -> str:
-    return json.dumps(
-        {
-            "verdict": verdict,
-            "edited_response": edited,
-            "changes": [{"original": o, "edited": e} for o, e in changes],
-        }
-    )
-
-
 JUDGE_KINDS: dict[str, tuple[str, str]] = {
     # kind: (the judge's reply, a substring of the reject reason)
     "not_json": ("Sure! The answer is left.", "not JSON"),
@@ -494,7 +438,6 @@ JUDGE_KINDS: dict[str, tuple[str, str]] = {
     "unchanged": (_reply("incorrect", RESPONSE, [("right", "right")]), "unchanged"),
     "no_changes": (_reply("incorrect", "The lesion is in the left lung.", []), "changes"),
 }
-GOOD_REPLY = _reply("incorrect", "The lesion is in the left lung.", [("right", "left")])
 
 
 @pytest.mark.parametrize("kind", sorted(JUDGE_KINDS))

@@ -32,7 +32,7 @@ from fire_mpo_core.sampling import (
 )
 from fire_mpo_core.sampling.openai_engine import OpenAIEngine
 from fire_mpo_core.sampling.vllm_engine import VLLM_MISSING, VLLMEngine, build_vllm_inputs
-from tests.fake_openai import (
+from testing_support.fake_openai import (
     FakeOpenAI,
     drop,
     hang,

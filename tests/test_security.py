@@ -24,8 +24,9 @@ from fire_mpo_core.store import ArtifactStore
 from tasks import judge as judge_task
 from tasks import sample as sample_task
 from tasks.common import StageCall, publish_summary
-from tests.fake_openai import FakeOpenAI, ok, server_error
-from tests.test_reliability_inputs import GOOD_REPLY, RESPONSE, _line, dataset, finished, png
+from testing_support.fake_openai import FakeOpenAI, ok, server_error
+from testing_support.stage_inputs import GOOD_REPLY, RESPONSE, dataset, finished, png
+from testing_support.stage_inputs import record_line as _line
 
 REPO = Path(__file__).resolve().parents[1]
 PLANTED = "sk-PLANTED-7f3a9c1e5b2d4f60a8c1"

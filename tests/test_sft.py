@@ -8,30 +8,29 @@ import pytest
 import torch
 
 from fire_mpo_core.config import (
-    DataConfig,
     EvaluateConfig,
-    ModelConfig,
     SFTConfig,
     VisionWarmupConfig,
 )
 from fire_mpo_core.data.io import load_records
-from fire_mpo_core.data.synthlesion import generate_synthlesion
 from fire_mpo_core.evaluation.vqa import evaluate_policy
-from fire_mpo_core.models import build_tiny_model, load_model, load_processor
+from fire_mpo_core.models import load_model, load_processor
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.training.sft import run_sft
 from fire_mpo_core.training.vision_warmup import vision_parameters, warm_up_vision
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sl")
-    generate_synthlesion(DataConfig(n_train_images=16, n_val_images=0, n_test_images=6), root)
-    train = load_records(root, splits=("train",))
-    texts = [t for r in train for t in (r.question, r.answer)]
-    cfg = ModelConfig(hidden_size=64, num_heads=2, vocab_size=300, patch_size=16)
-    build_tiny_model(cfg, texts, 64, root / "model")
-    return root, train
+def tiny(tiny_world):
+    """SynthLesion (16 train / 6 test scans, DataConfig's defaults otherwise) with a tiny LLaVA
+    at ``model/`` inside the data folder."""
+    w = tiny_world(
+        data={"n_train_images": 16, "n_val_images": 0, "n_test_images": 6},
+        data_defaults={},
+        data_dir="",
+        models={"model": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16}},
+    )
+    return w["root"], w["records"]
 
 
 def test_sft_lowers_the_loss_and_is_deterministic(tiny, tmp_path):

@@ -2,7 +2,7 @@
 reference artifact, fused == naive, training progress, exact resume, LoRA scope, continuation.
 
 Everything runs on a tiny LLaVA (hidden 64, 2 heads, vocabulary 300, 32 px images) built in a
-temporary folder from a small generated SynthLesion; pairs come from tests/helpers_pairs.py.
+temporary folder from a small generated SynthLesion; pairs come from testing_support/pairs.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fire_mpo_core.config import DataConfig, ModelConfig
-from fire_mpo_core.data.synthlesion import generate_synthlesion, load_records
+from fire_mpo_core.config import ModelConfig
 from fire_mpo_core.losses.config import LossConfig
 from fire_mpo_core.models import build_tiny_model, encode_batch, load_model, load_processor
 from fire_mpo_core.policy import PolicyRef
@@ -34,9 +33,10 @@ from fire_mpo_core.training.preference import (
     train_preference,
 )
 from fire_mpo_core.training.reference import ReferenceTable, compute_reference_logprobs
-from tests.helpers_pairs import corrupt, make_pairs, write_pairs
+from testing_support.pairs import corrupt, make_pairs, write_pairs
+from testing_support.world import TRAINER_WORLD
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = TRAINER_WORLD["data"]["image_size"]
 LOG2 = math.log(2.0)
 needs_corruption = pytest.mark.skipif(corrupt is None, reason="fire_mpo_core.corruption missing")
 
@@ -55,43 +55,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+def world(tiny_world) -> dict:
     """SynthLesion (8 train scans), a tiny LLaVA, 8 pairs with v' and their reference artifact."""
-    root = tmp_path_factory.mktemp("trainer")
-    data = root / "data"
-    generate_synthlesion(
-        DataConfig(
-            image_size=IMAGE_SIZE,
-            n_train_images=8,
-            n_val_images=0,
-            n_test_images=1,
-            questions_per_image=2,
-            report_fraction=0.0,
-        ),
-        data,
-    )
-    records = [r for r in load_records(data) if r.split == "train"]
-    texts = [t for r in records for t in (r.question, r.answer)]
-    model_cfg = ModelConfig(
-        hidden_size=64, num_heads=2, vocab_size=300, vision_hidden_size=32, vision_layers=1
-    )
-    base = build_tiny_model(model_cfg, texts, IMAGE_SIZE, root / "base")
-    pairs_path = write_pairs(records, data, root / "pairs", n=8)
-    policy = PolicyRef(base=str(base))
-    ref = compute_reference_logprobs(
-        policy, pairs_path, data, None, ReferenceConfig(max_length=128), root / "reference"
-    )
-    return {
-        "root": root,
-        "data": data,
-        "records": records,
-        "base": base,
-        "policy": policy,
-        "pairs_path": pairs_path,
-        "corrupt_root": pairs_path.parent,
-        "reference": Path(ref["path"]),
-        "reference_info": ref,
-    }
+    return tiny_world(**TRAINER_WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +68,8 @@ def processor(world):
 @pytest.fixture(scope="module")
 def qwen_base(world, tmp_path_factory) -> Path:
     """The same tiny sizes as a Qwen2-VL (packed patches, image_grid_thw, M-RoPE)."""
-    texts = [t for r in world["records"] for t in (r.question, r.answer)]
     cfg = ModelConfig(arch="qwen2_vl", hidden_size=64, num_heads=2, vocab_size=300)
-    return build_tiny_model(cfg, texts, IMAGE_SIZE, tmp_path_factory.mktemp("qwen"))
+    return build_tiny_model(cfg, world["texts"], IMAGE_SIZE, tmp_path_factory.mktemp("qwen"))
 
 
 def lora_model(base: Path, scope: str = "language_model", seed: int = 0):

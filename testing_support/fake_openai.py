@@ -1,7 +1,7 @@
-"""A fake OpenAI chat-completions server for tests: a real HTTP server on 127.0.0.1 (a free port),
-stdlib ``http.server`` in a background thread, scriptable per test::
+"""The one fake OpenAI-compatible server of the tests: a real HTTP server on 127.0.0.1 (a free
+port), stdlib ``http.server`` in a background thread, scriptable per test::
 
-    from tests.fake_openai import FakeOpenAI, ok, rate_limited, server_error, hang, drop
+    from testing_support.fake_openai import FakeOpenAI, ok, rate_limited, server_error, hang, drop
 
     with FakeOpenAI() as fake:                       # fake.base_url = "http://127.0.0.1:PORT/v1"
         fake.script(rate_limited(0.05), server_error(500), ok("yes"))
@@ -16,13 +16,40 @@ the client timeout, then answer), ``drop`` (close the connection without a respo
 ``malformed`` (200 with a body that is not JSON). Received requests are recorded with their
 headers and JSON body; ``max_in_flight`` is the most requests handled at once. Nothing is ever
 printed (the auth header stays in ``requests``). Sleeps are bounded and interrupted by
-:meth:`FakeOpenAI.stop`; the server also stops by itself after ``lifetime_s``.
+:meth:`FakeOpenAI.stop`; the server also stops by itself after ``lifetime_s``. In tests, the
+``fake_openai`` fixture (tests/conftest.py) is a started server, stopped after the test.
+
+**The vLLM variant** (``FakeOpenAI(vllm=VLLMModels(...))``) also speaks the parts of vLLM's
+OpenAI server the ``vllm_server`` engine uses, as vLLM 0.32 answers them: ``GET /health``,
+``GET /v1/models`` (the base with ``parent: null``, adapters with ``parent: <base>``),
+``POST /v1/load_lora_adapter`` / ``unload_lora_adapter`` (only with ``runtime_lora``; 400
+"already been loaded" on a repeat) and a 404 for a chat request naming an unknown model; its
+default reply is ``n`` choices, each ``"<model>|<question>|<k>"``. Without ``vllm`` there is no
+``GET`` at all (not a vLLM server). As a process it stands in for vLLM's server command, for the
+fast lifecycle tests of the `vllm_server` engine (no vLLM needed)::
+
+    python -m testing_support.fake_openai --model BASE --host 127.0.0.1 --port P \\
+        --served-model-name base [--enable-lora --lora-modules name=path ...] [other vLLM flags]
+
+Like vLLM it then starts a child process (its "engine core"), so a test can check that the whole
+process group is stopped. Unknown flags are ignored. Behaviour from the environment:
+``FAKE_VLLM_START_DELAY`` (seconds before listening), ``FAKE_VLLM_EXIT_AT_START`` (exit code,
+after printing an error), ``FAKE_VLLM_DIE_AFTER`` (die with SIGKILL after that many chat
+requests, mid-stage), ``FAKE_VLLM_REPLY_DELAY`` (seconds per chat request),
+``FAKE_VLLM_IGNORE_TERM`` (ignore SIGTERM, so stop() must SIGKILL) and ``FAKE_VLLM_LIFETIME``
+(exit by itself after that many seconds; default 120); ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` turns
+``runtime_lora`` on, as in vLLM.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +110,37 @@ class Received:
 
 
 @dataclass
+class VLLMModels:
+    """What the vLLM variant serves: the base model and its LoRA adapters (name -> path)."""
+
+    base: str
+    root: str | None = None  # the base's path (``root`` in /v1/models); default: ``base``
+    adapters: dict[str, str] = field(default_factory=dict)
+    runtime_lora: bool = False  # POST /v1/load_lora_adapter and unload allowed
+    die_after: int = 0  # SIGKILL the process group at the chat request after this many (0: never)
+    reply_delay_s: float = 0.0
+
+    def echo(self, body: dict[str, Any]) -> Behaviour:
+        """The default reply: ``"<model>|<question>|<k>"`` for each of the ``n`` choices."""
+        model, q = body.get("model"), _question(body.get("messages", []))
+        texts = [f"{model}|{q}|{k}" for k in range(int(body.get("n") or 1))]
+        return ok(texts, delay_s=self.reply_delay_s)
+
+
+def _question(messages: list) -> str:
+    """The first text of a chat request (the question)."""
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    return part["text"]
+        elif isinstance(content, str):
+            return content
+    return ""
+
+
+@dataclass
 class _State:
     script: collections.deque = field(default_factory=collections.deque)
     requests: list[Received] = field(default_factory=list)
@@ -124,6 +182,49 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, json.dumps({"error": {"message": message, "code": status}}).encode())
+
+    def do_GET(self) -> None:
+        vllm = self.server.vllm
+        if vllm is None:  # a plain OpenAI endpoint: no health or model list
+            self.send_error(501, f"Unsupported method ({self.command!r})")
+        elif self.path == "/health":
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/v1/models":
+            base = {
+                "id": vllm.base,
+                "object": "model",
+                "root": vllm.root or vllm.base,
+                "parent": None,
+            }
+            data = [base]
+            with self.server.state.lock:
+                data += [
+                    {"id": n, "object": "model", "root": p, "parent": vllm.base}
+                    for n, p in vllm.adapters.items()
+                ]
+            self._send(200, json.dumps({"object": "list", "data": data}).encode())
+        else:
+            self._error(404, "Not Found")
+
+    def _vllm_lora(self, vllm: VLLMModels, body: dict[str, Any]) -> None:
+        if not vllm.runtime_lora:
+            return self._error(404, "Not Found")
+        name = body.get("lora_name")
+        with self.server.state.lock:
+            if self.path.endswith("unload_lora_adapter"):
+                vllm.adapters.pop(name, None)
+                return self._send(200, json.dumps({"message": f"removed {name}"}).encode())
+            if name in vllm.adapters:
+                return self._error(400, f"The lora adapter '{name}' has already been loaded.")
+            if not os.path.isdir(body.get("lora_path", "")):
+                return self._error(404, f"Loading lora {name} failed: No adapter found")
+            vllm.adapters[name] = body["lora_path"]
+        return self._send(200, json.dumps({"message": f"added {name}"}).encode())
+
     def do_POST(self) -> None:
         state = self.server.state
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -131,6 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError:
             body = None
+        vllm = self.server.vllm
+        if vllm is not None and self.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            return self._vllm_lora(vllm, body if isinstance(body, dict) else {})
         with state.lock:
             state.requests.append(
                 Received(
@@ -140,7 +244,15 @@ class _Handler(BaseHTTPRequestHandler):
                     time.monotonic(),
                 )
             )
+            chats = len(state.requests)
             behaviour = state.script.popleft() if state.script else self.server.default
+        if vllm is not None and isinstance(body, dict) and self.path == "/v1/chat/completions":
+            if vllm.die_after and chats > vllm.die_after:
+                os.killpg(os.getpgid(0), signal.SIGKILL)  # a crash: the whole server, at once
+            with state.lock:
+                known = body.get("model") in (vllm.base, *vllm.adapters)
+            if not known:
+                return self._error(404, f"The model `{body.get('model')}` does not exist.")
         if not isinstance(behaviour, Behaviour):  # a router: request body -> behaviour
             behaviour = behaviour(body if isinstance(body, dict) else {})
         with state.lock:
@@ -206,18 +318,27 @@ class _Server(ThreadingHTTPServer):
     state: _State
     default: Behaviour | Callable[[dict[str, Any]], Behaviour]
     max_sleep_s: float
+    vllm: VLLMModels | None
 
 
 class FakeOpenAI:
-    """The fake server; a context manager (or :meth:`start` / :meth:`stop`)."""
+    """The fake server; a context manager (or :meth:`start` / :meth:`stop`). ``vllm``: the vLLM
+    variant (its default reply is :meth:`VLLMModels.echo` unless ``default`` is given)."""
 
     def __init__(
-        self, default: Behaviour | None = None, max_sleep_s: float = 5.0, lifetime_s: float = 120.0
+        self,
+        default: Behaviour | Callable[[dict[str, Any]], Behaviour] | None = None,
+        max_sleep_s: float = 5.0,
+        lifetime_s: float = 120.0,
+        vllm: VLLMModels | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ):
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server((host, port), _Handler)
         self._server.state = _State()
-        self._server.default = default or ok()
+        self._server.default = default or (vllm.echo if vllm is not None else ok())
         self._server.max_sleep_s = max_sleep_s
+        self._server.vllm = vllm
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -277,3 +398,53 @@ class FakeOpenAI:
         """Scripted behaviours not used yet."""
         with self._server.state.lock:
             return len(self._server.state.script)
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until the process ends (the process form)."""
+        self._server.serve_forever(poll_interval=0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The vLLM variant as a process, in place of vLLM's server command (see the module doc)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--lora-modules", nargs="*", default=[])
+    ap.add_argument("--enable-lora", action="store_true")
+    args, _unknown = ap.parse_known_args(argv)
+
+    env = os.environ
+    print("fake vLLM: starting", " ".join(sys.argv[1:]), flush=True)
+    if env.get("FAKE_VLLM_EXIT_AT_START"):
+        print("fake vLLM: ValueError: something is wrong with this model", flush=True)
+        return int(env["FAKE_VLLM_EXIT_AT_START"])
+    if env.get("FAKE_VLLM_IGNORE_TERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The "engine core": a child in the same process group, as vLLM's.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    print(f"fake vLLM: engine core pid {child.pid}", flush=True)
+    time.sleep(float(env.get("FAKE_VLLM_START_DELAY", "0")))
+
+    models = VLLMModels(
+        base=args.served_model_name or args.model,
+        root=args.model,
+        adapters=dict(spec.partition("=")[::2] for spec in args.lora_modules),
+        runtime_lora=env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+        die_after=int(env.get("FAKE_VLLM_DIE_AFTER", "0")),
+        reply_delay_s=float(env.get("FAKE_VLLM_REPLY_DELAY", "0")),
+    )
+    lifetime = float(env.get("FAKE_VLLM_LIFETIME", "120"))
+    server = FakeOpenAI(vllm=models, host=args.host, port=args.port, lifetime_s=lifetime)
+    threading.Timer(lifetime, os._exit, args=(3,)).start()
+    print(f"fake vLLM: listening on http://{args.host}:{args.port}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        child.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

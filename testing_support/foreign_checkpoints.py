@@ -39,7 +39,7 @@ from fire_mpo_core.models.tiny import (
     QWEN2_VL_CHAT_TEMPLATE,
     build_tiny_tokenizer,
 )
-from tests.test_models import CORPUS
+from testing_support.world import CORPUS
 
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1}

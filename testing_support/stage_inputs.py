@@ -1,0 +1,91 @@
+"""Test helper (not product code): hand-made stage inputs for the stage-body tests: PNG scans,
+raw record lines, a finished `prepare`-like dataset folder, and the LLM judge's replies.
+
+    prep = dataset(store, [record_line("rec-0")], {"images/rec-0.png": png()})
+    policy = finished(store, "policy", lambda p: (p / "policy.json").write_text("{}"))
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fire_mpo_core.store import ArtifactStore
+
+
+def png(size=(16, 16), mode="RGB", seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def record(rid: str, **kw: Any) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "image": f"images/{rid}.png",
+        "question": "Is there a lesion?",
+        "answer": "yes",
+        "answer_type": "closed",
+        "question_type": "presence",
+        "split": "train",
+        **kw,
+    }
+
+
+GOOD = ["good-0", "good-1"]
+
+
+def record_line(rid: str, **kw: Any) -> bytes:
+    return json.dumps(record(rid, **kw)).encode()
+
+
+def finished(store: ArtifactStore, stage: str, build: Callable[[Path], None]) -> Path:
+    """A finished stage folder whose files `build(folder)` writes."""
+
+    def fn(w):
+        build(w.path)
+        return {}
+
+    return store.run_stage(
+        run="r", round_=0, stage=stage, config={"fixture": stage}, inputs={}, code="t", fn=fn
+    ).path
+
+
+def dataset(store: ArtifactStore, lines: list[bytes], files: dict[str, bytes]) -> Path:
+    """A `prepare`-like folder: data.jsonl from raw lines, files, and images of GOOD records."""
+
+    def build(root: Path) -> None:
+        (root / "images").mkdir()
+        for rid in GOOD:
+            (root / "images" / f"{rid}.png").write_bytes(png(seed=len(rid)))
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        good = [json.dumps(record(rid)).encode() for rid in GOOD]
+        (root / "data.jsonl").write_bytes(b"\n".join(good + lines) + b"\n")
+
+    return finished(store, "prepare", build)
+
+
+RESPONSE = "The lesion is in the right lung."
+
+
+def judge_reply(verdict: str, edited: str, changes: list[tuple[str, str]]) -> str:
+    return json.dumps(
+        {
+            "verdict": verdict,
+            "edited_response": edited,
+            "changes": [{"original": o, "edited": e} for o, e in changes],
+        }
+    )
+
+
+GOOD_REPLY = judge_reply("incorrect", "The lesion is in the left lung.", [("right", "left")])
