@@ -13,3 +13,8 @@
 
 It imports from the project (``fire_mpo_core``, ``tasks``, ``flows``), never from ``tests/``.
 """
+
+from pathlib import Path
+
+#: The repository root (where ``configs/``, ``Makefile`` and the packages are).
+REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Sharded `judge` and `corrupt` stages: byte-identical to the unsharded run, on threads and Dask.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_sharding.py -q
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/tasks/test_sharding.py -q
 
 Each stage runs through its real Prefect task (``tasks.judge.judge`` / ``tasks.corrupt.corrupt``)
 on a small SynthLesion set, once with ``shards: 1`` and once sharded; every output file but the

@@ -6,7 +6,7 @@ engine) and `judge` (llm judge) stage bodies against fake servers that echo the 
 their error messages, then greps every file of the store, the captured logs and output, and the
 arguments of every dashboard call for it.
 
-    .venv/bin/python -m pytest tests/test_security.py -q
+    .venv/bin/python -m pytest tests/tasks/test_security.py -q
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from fire_mpo_core.store import ArtifactStore
 from tasks import judge as judge_task
 from tasks import sample as sample_task
 from tasks.common import StageCall, publish_summary
+from testing_support import REPO
 from testing_support.fake_openai import FakeOpenAI, ok, server_error
 from testing_support.stage_inputs import GOOD_REPLY, RESPONSE, dataset, finished, png
 from testing_support.stage_inputs import record_line as _line
 
-REPO = Path(__file__).resolve().parents[1]
 PLANTED = "sk-PLANTED-7f3a9c1e5b2d4f60a8c1"
 KEY_ENV = "FIRE_MPO_PLANTED_KEY"
 

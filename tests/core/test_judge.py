@@ -12,7 +12,6 @@ import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,9 +42,7 @@ from fire_mpo_core.judge.lexicon import (
     word_key,
 )
 from fire_mpo_core.judge.validate import changed_words
-
-REPO = Path(__file__).resolve().parents[1]
-
+from testing_support import REPO
 
 # ----------------------------------------------------------------------------------------------
 # Helpers

@@ -4,8 +4,8 @@ Same key: one result, built once, the others return it. Different keys in one st
 each its own result. Two whole cycles on one store at once (slow): both complete, every stage
 holds exactly one finished output with files that match its manifest, no working folders left.
 
-    .venv/bin/python -m pytest tests/test_concurrency.py -q            # the fast part
-    .venv/bin/python -m pytest tests/test_concurrency.py -q -m slow    # two cycles at once
+    .venv/bin/python -m pytest tests/core/test_concurrency.py -q            # the fast part
+    .venv/bin/python -m pytest tests/core/test_concurrency.py -q -m slow    # two cycles at once
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from fire_mpo_core.store import ArtifactStore, digest_files, is_finished, read_manifest
-
-REPO = Path(__file__).resolve().parents[1]
+from testing_support import REPO
 
 
 def _writer(root: str, key_tag: str, writer_tag: str, resumable: bool, q) -> None:

@@ -7,7 +7,7 @@ that rejects too much fails the stage, and the rerun asks only for the records n
 Fan-out: two servers share the requests, and the output file is byte-identical whatever the
 number of servers, their order or the concurrency.
 
-    .venv/bin/python -m pytest tests/test_endpoint_faults.py -q
+    .venv/bin/python -m pytest tests/tasks/test_endpoint_faults.py -q
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 results (hand-made, with hand-derived ratios), the worker result protocol, and the
 length-grouped order the trainer can use.
 
-    .venv/bin/python -m pytest tests/test_bench.py -q
+    .venv/bin/python -m pytest tests/bench/test_bench.py -q
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ records plus one bad one, and check that every input id ends up either in the ou
 ``testing_support/fake_openai.py`` (real HTTP on 127.0.0.1); the dashboard's progress calls
 (Prefect API) are no-ops.
 
-    .venv/bin/python -m pytest tests/test_reliability_inputs.py -q
+    .venv/bin/python -m pytest tests/tasks/test_reliability_inputs.py -q
 """
 
 from __future__ import annotations

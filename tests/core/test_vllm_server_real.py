@@ -34,8 +34,8 @@ from fire_mpo_core.sampling import SampleConfig, items_from_records, make_engine
 from fire_mpo_core.sampling import vllm_server as vs
 from fire_mpo_core.sampling.vllm_engine import lora_request_args
 from fire_mpo_core.store import DATA, ArtifactStore, read_manifest, write_jsonl
+from testing_support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("FIRE_MPO_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 
 pytestmark = [

@@ -1,7 +1,7 @@
 """Data-parallel preference training: 2 CPU ranks (gloo) through `accelerate launch` vs 1 process.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_distributed.py -q          # fast part
-    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_distributed.py -q -m ""    # + resume
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/core/test_distributed.py -q       # fast
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/core/test_distributed.py -q -m ""  # + resume
 
 The launched run trains the tiny LLaVA on 8 SynthLesion pairs with the same global batch as the
 in-process run; its per-step losses and final adapter must match within float tolerance, rank 0

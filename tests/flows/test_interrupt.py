@@ -22,8 +22,7 @@ import yaml
 
 from flows.cli import check_store, preflight
 from tasks.runs import process_is_gone
-
-REPO = Path(__file__).resolve().parents[1]
+from testing_support import REPO
 
 TINY = {
     "run": "t",

@@ -23,10 +23,9 @@ from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge import JudgeConfig, RulesJudge, validate_pair
 from fire_mpo_core.judge.converters import iuxray_records, slake_records, vqarad_records
 from fire_mpo_core.judge.lexicon import content_keys, split_parts
+from testing_support import REPO
 
-REALDATA = Path(
-    os.environ.get("FIRE_MPO_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata")
-)
+REALDATA = Path(os.environ.get("FIRE_MPO_REALDATA", REPO.parent / "shared" / "realdata"))
 TEMPLATES = (
     "{}",
     "{}.",

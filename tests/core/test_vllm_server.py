@@ -32,9 +32,8 @@ from fire_mpo_core.sampling.vllm_server import (
     resolve_python,
     server_command,
 )
+from testing_support import REPO
 from testing_support.fake_openai import FakeOpenAI
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _adapter(path: Path, modules: list[str], r: int = 8, extra: dict | None = None) -> Path:

@@ -1,6 +1,6 @@
 """The real-model GPU profiles and the vLLM option mapping, checked without a GPU or downloads.
 
-    .venv/bin/python -m pytest tests/test_gpu_profile.py -q
+    .venv/bin/python -m pytest tests/core/test_gpu_profile.py -q
 
 Each profile in configs/gpu/ must load, carry the paper's hyperparameters, and name a
 model_type that transformers' auto mapping resolves to an image-text-to-text class (config
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +25,8 @@ from fire_mpo_core.sampling.vllm_engine import (
     vllm_engine_kwargs,
     vllm_serve_command,
 )
+from testing_support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PROFILES = {
     "qwen2_5_vl_7b": ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl_4b": ("Qwen/Qwen3-VL-4B-Instruct", "Qwen3VLForConditionalGeneration"),
@@ -67,7 +66,7 @@ def test_profile_loads_with_paper_settings_and_its_model_class_resolves(name):
 def test_profile_family_is_one_the_tiny_cycle_runs(name):
     """The profile's model goes through the same family entry (processor images, LoRA scope,
     shared features, patch grid) as the tiny model of that architecture that
-    tests/test_families.py runs through the whole cycle."""
+    tests/core/test_families.py runs through the whole cycle."""
     from fire_mpo_core.models.families import family_of
     from fire_mpo_core.models.tiny import TINY_ARCHS, create_tiny_config
 

@@ -17,8 +17,8 @@ record, ``io.open_image`` per image, ``train.step`` per optimizer step, ``store.
 Children are forked from one helper process that imported torch, transformers and Prefect once
 (importing them takes 10-20 s on a loaded 2-core machine; a fork takes milliseconds).
 
-    .venv/bin/python -m pytest tests/test_fault_injection.py -q            # 2 kill points a stage
-    .venv/bin/python -m pytest tests/test_fault_injection.py -q -m slow    # 20 kill points a stage
+    .venv/bin/python -m pytest tests/tasks/test_fault_injection.py -q          # 2 kills a stage
+    .venv/bin/python -m pytest tests/tasks/test_fault_injection.py -q -m slow  # 20 kills a stage
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import pytest
 import yaml
 
 from fire_mpo_core.store import MANIFEST, digest_files, is_finished, read_manifest
+from testing_support import REPO
 from testing_support.cycle import FAULT_CYCLE, TRAIN_STEPS, dashboard_silenced, run_one_stage
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = FAULT_CYCLE["run"]
 CONFIG = FAULT_CYCLE
 # Stage and round of every stage output of a one-round cycle, in build order.
@@ -112,7 +112,7 @@ class ForkServer:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("FIRE_MPO_FAULT", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from tests.test_fault_injection import _serve; _serve()"],
+            [sys.executable, "-c", "from tests.tasks.test_fault_injection import _serve; _serve()"],
             cwd=REPO,
             env=env,
             stdin=subprocess.PIPE,

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from fire_mpo_core.config import ConfigError, CycleConfig, load_config
-
-REPO = Path(__file__).resolve().parents[1]
+from testing_support import REPO
 
 
 def write(tmp_path: Path, text: str) -> Path:
