@@ -21,70 +21,43 @@ from pathlib import Path
 import yaml
 
 from fire_mpo_core.store import is_finished
+from testing_support.flow_runs import SMALL
+
+
+def merged(base: dict, **sections) -> dict:
+    """A copy of the cycle config ``base`` with each dict section updated key by key from
+    ``sections`` (other values replaced)."""
+    cfg = json.loads(json.dumps(base))
+    for name, value in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
 
 #: The one-round cycle of every family: 12 train scans, a few SFT / train steps, 6 evaluated.
-CYCLE = {
-    "run": "fam",
-    "rounds": 1,
-    "num_threads": 1,
-    "data": {
-        "n_train_images": 12,
-        "n_val_images": 0,
-        "n_test_images": 3,
-        "questions_per_image": 2,
-        "report_fraction": 0.0,
-    },
-    "model": {
-        "hidden_size": 64,
-        "num_heads": 2,
-        "vocab_size": 300,
-        "patch_size": 16,
-        "vision_hidden_size": 32,
-        "vision_layers": 2,
-    },
-    # Enough SFT for the answer format, so the judge has answers to edit and train has pairs.
-    "sft": {
-        "max_steps": 40,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "include_reports": False,
-        "vision_warmup": {"steps": 3, "batch_size": 4, "pretrain_scans": 4},
-    },
-    "sample": {"max_new_tokens": 6, "max_records": 12, "batch_size": 6, "temperature": 0.3},
-    "corrupt": {"num_workers": 0},
-    "train": {"max_steps": 2, "batch_size": 2, "save_every": None},
-    "evaluate": {"max_new_tokens": 6, "batch_size": 6, "grounding_max_samples": 3},
-}
-
+CYCLE = merged(
+    SMALL,
+    run="fam",
+    data={"n_train_images": 12, "n_test_images": 3, "report_fraction": 0.0},
+    model={"vision_hidden_size": 32, "vision_layers": 2},
+    sft={"max_steps": 40, "vision_warmup": {"steps": 3, "batch_size": 4, "pretrain_scans": 4}},
+    sample={"max_new_tokens": 6, "max_records": 12, "batch_size": 6, "temperature": 0.3},
+    corrupt={"num_workers": 0},
+    train={"batch_size": 2},
+    evaluate={"max_new_tokens": 6, "batch_size": 6, "grounding_max_samples": 3},
+)
 
 #: The crash-safety cycle (tests/tasks/test_fault_injection.py, tests/core/test_concurrency.py):
 #: 16 train scans, checkpoints every train step.
 TRAIN_STEPS = 4
-FAULT_CYCLE = {
-    "run": "ft",
-    "rounds": 1,
-    "num_threads": 1,
-    "data": {
-        "n_train_images": 16,
-        "n_val_images": 0,
-        "n_test_images": 3,
-        "questions_per_image": 2,
-        "report_fraction": 0.2,
-    },
-    "model": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300, "patch_size": 16},
-    # Enough SFT for the answer format, so the judge has answers to edit and train has pairs.
-    "sft": {
-        "max_steps": 60,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "include_reports": False,
-        "vision_warmup": {"steps": 4, "batch_size": 8, "pretrain_scans": 8},
-    },
-    "sample": {"max_new_tokens": 8, "max_records": 24, "batch_size": 3, "temperature": 0.3},
-    "corrupt": {"num_workers": 0},
-    "train": {"max_steps": TRAIN_STEPS, "batch_size": 2, "save_every": 1, "keep_checkpoints": 1},
-    "evaluate": {"max_new_tokens": 6, "batch_size": 4},
-}
+FAULT_CYCLE = merged(
+    SMALL,
+    run="ft",
+    data={"n_train_images": 16, "n_test_images": 3, "report_fraction": 0.2},
+    sample={"batch_size": 3, "temperature": 0.3},
+    corrupt={"num_workers": 0},
+    train={"max_steps": TRAIN_STEPS, "batch_size": 2, "save_every": 1, "keep_checkpoints": 1},
+    evaluate={"max_new_tokens": 6, "batch_size": 4},
+)
 
 
 def _noop_artifact(*args, **kwargs):
@@ -93,12 +66,9 @@ def _noop_artifact(*args, **kwargs):
 
 def write_config(path: Path, store: Path, arch: str | None, **sections) -> Path:
     """A CYCLE config for ``arch`` (None: keep model.name_or_path from ``sections``)."""
-    cfg = json.loads(json.dumps(CYCLE))
+    cfg = merged(CYCLE, **sections, store=str(store))
     if arch is not None:
         cfg["model"]["arch"] = arch
-    for name, value in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **value}
-    cfg["store"] = str(store)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

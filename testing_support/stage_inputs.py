@@ -1,5 +1,5 @@
 """Test helper (not product code): hand-made stage inputs for the stage-body tests: PNG scans,
-raw record lines, a finished `prepare`-like dataset folder, and the LLM judge's replies.
+raw record lines, a finished `prepare`-like dataset folder, rollouts, and the LLM judge's replies.
 
     prep = dataset(store, [record_line("rec-0")], {"images/rec-0.png": png()})
     policy = finished(store, "policy", lambda p: (p / "policy.json").write_text("{}"))
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fire_mpo_core.data.records import Rollout
 from fire_mpo_core.store import ArtifactStore
 
 
@@ -89,3 +90,26 @@ def judge_reply(verdict: str, edited: str, changes: list[tuple[str, str]]) -> st
 
 
 GOOD_REPLY = judge_reply("incorrect", "The lesion is in the left lung.", [("right", "left")])
+
+
+def rollout(
+    record_id: str,
+    response: str,
+    *,
+    k: int = 0,
+    sample_index: int | None = None,
+    question: str = "q",
+    model_key: str = "m",
+) -> Rollout:
+    """Sample ``k`` of a record (id ``<record_id>#<k>``; ``sample_index`` defaults to ``k``), as
+    the hf engine would write it."""
+    return Rollout(
+        id=f"{record_id}#{k}",
+        record_id=record_id,
+        sample_index=k if sample_index is None else sample_index,
+        question=question,
+        response=response,
+        engine="hf",
+        model_key=model_key,
+        seed=0,
+    )

@@ -91,7 +91,8 @@ def build_world(
 
     Returns a dict: ``root``, ``data`` (the data folder), ``records`` (train split), ``texts``,
     ``bases`` (name -> model folder) and, where built, ``base`` / ``policy`` (the first model),
-    ``pairs_path``, ``corrupt_root`` (the pairs' folder), ``reference`` and ``reference_info``.
+    ``pairs_path``, ``corrupt_root`` (the pairs' folder), ``reference``, ``reference_info`` and
+    ``train_args`` (the first five arguments of ``train_preference``).
     """
     from fire_mpo_core.config import DataConfig, ModelConfig
     from fire_mpo_core.data.io import load_records
@@ -131,6 +132,8 @@ def build_world(
             ReferenceConfig(max_length=reference_max_length),
             root / "reference",
         )
-        world["reference"] = Path(ref["path"])
+        world["reference"] = ref_path = Path(ref["path"])
         world["reference_info"] = ref
+        # train_preference's first arguments: policy, pairs, data root, corrupt root, reference.
+        world["train_args"] = (world["policy"], world["pairs_path"], data_path, None, ref_path)
     return world

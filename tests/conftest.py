@@ -70,3 +70,16 @@ def fake_openai() -> Iterator[Any]:
 
     with FakeOpenAI(lifetime_s=60) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``). Tiny matrices: one thread is as fast alone and far faster on a busy
+    machine (two spinning OpenMP threads per process on two shared cores cost 10x here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

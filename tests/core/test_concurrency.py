@@ -10,7 +10,6 @@ holds exactly one finished output with files that match its manifest, no working
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import yaml
 
 from fire_mpo_core.store import ArtifactStore, digest_files, is_finished, read_manifest
 from testing_support import REPO
+from testing_support.processes import run_spawned
 
 
 def _writer(root: str, key_tag: str, writer_tag: str, resumable: bool, q) -> None:
@@ -44,16 +44,8 @@ def _writer(root: str, key_tag: str, writer_tag: str, resumable: bool, q) -> Non
 
 @pytest.mark.parametrize("resumable", [False, True], ids=["tmp", "partial"])
 def test_same_and_different_keys_at_once_never_clobber(tmp_path, resumable):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     jobs = [("a", "w1"), ("a", "w2"), ("a", "w3"), ("b", "w4"), ("c", "w5")]
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), k, w, resumable, q)) for k, w in jobs]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    results = [q.get(timeout=5) for _ in procs]
+    results = run_spawned(_writer, [(str(tmp_path), k, w, resumable) for k, w in jobs], 120)
     by_key: dict[str, set[str]] = {}
     for key, path, _ in results:
         by_key.setdefault(key, set()).add(path)

@@ -112,7 +112,7 @@ def world(tiny_world) -> dict:
     trainer tests' world."""
     torch.set_num_threads(1)
     w = tiny_world(**TRAINER_WORLD)
-    return {"args": (w["policy"], w["pairs_path"], w["data"], None, w["reference"])}
+    return {"args": w["train_args"]}
 
 
 def _cfg(**kw) -> TrainConfig:

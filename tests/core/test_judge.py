@@ -43,6 +43,7 @@ from fire_mpo_core.judge.lexicon import (
 )
 from fire_mpo_core.judge.validate import changed_words
 from testing_support import REPO
+from testing_support.stage_inputs import rollout
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -70,16 +71,7 @@ def rec(
 
 
 def roll(response: str, rid: str = "r1", k: int = 0) -> Rollout:
-    return Rollout(
-        id=f"{rid}#{k}",
-        record_id=rid,
-        sample_index=k,
-        question="q",
-        response=response,
-        engine="hf",
-        model_key="m",
-        seed=0,
-    )
+    return rollout(rid, response, k=k)
 
 
 def pair_of(
@@ -650,7 +642,7 @@ def test_determinism_across_processes_and_seeds():
     assert _judge_dump(0) == _judge_dump(0)
     assert _judge_dump(0) != _judge_dump(1)
     code = (
-        "import json,sys; sys.path.insert(0, 'tests'); from test_judge import _judge_dump; "
+        "import json; from tests.core.test_judge import _judge_dump; "
         "print(json.dumps(_judge_dump(0)))"
     )
     outs = []

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
+from fire_mpo_core.data.records import PreferencePair, VQARecord
 from fire_mpo_core.judge import JudgeConfig, RulesJudge, validate_pair
 from fire_mpo_core.judge.converters import iuxray_records, slake_records, vqarad_records
 from fire_mpo_core.judge.lexicon import content_keys, split_parts
 from testing_support import REPO
+from testing_support.stage_inputs import rollout
 
 REALDATA = Path(os.environ.get("FIRE_MPO_REALDATA", REPO.parent / "shared" / "realdata"))
 TEMPLATES = (
@@ -80,16 +81,7 @@ def _run(recs: list[VQARecord], cases, label: str) -> dict[str, Counter]:
     judge = RulesJudge(JudgeConfig(), recs)
     stats: dict[str, Counter] = {}
     for k, (r, resp, right) in enumerate(cases):
-        ro = Rollout(
-            id=f"{r.id}#{k}",
-            record_id=r.id,
-            sample_index=0,
-            question=r.question,
-            response=resp,
-            engine="hf",
-            model_key="synthetic",
-            seed=0,
-        )
+        ro = rollout(r.id, resp, k=k, sample_index=0, question=r.question, model_key="synthetic")
         res = judge.judge(r, ro)
         st = stats.setdefault(r.answer_type, Counter())
         st["rollouts"] += 1

@@ -22,6 +22,8 @@ from fire_mpo_core.judge.llm import (
 )
 from fire_mpo_core.judge.validate import validate_pair
 from testing_support.fake_openai import FakeOpenAI, ok, server_error
+from testing_support.stage_inputs import RESPONSE, rollout
+from testing_support.stage_inputs import judge_reply as _reply
 
 KEY = "sk-judge-test-9876543210"
 
@@ -35,24 +37,10 @@ RECORD = VQARecord(
     question_type="side",
     split="train",
 )
-RESPONSE = "The lesion is in the right lung."
 
 
 def _rollout(response: str = RESPONSE, rid: str = "r1") -> Rollout:
-    return Rollout(
-        id=f"{rid}#0", record_id=rid, sample_index=0, question="q", response=response,
-        engine="hf", model_key="m", seed=0,
-    )  # fmt: skip
-
-
-def _reply(verdict: str, edited: str, changes: list[tuple[str, str]]) -> str:
-    return json.dumps(
-        {
-            "verdict": verdict,
-            "edited_response": edited,
-            "changes": [{"original": o, "edited": e} for o, e in changes],
-        }
-    )
+    return rollout(rid, response)
 
 
 GOOD = _reply("incorrect", "The lesion is in the left lung.", [("right lung", "left lung")])

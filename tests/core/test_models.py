@@ -36,32 +36,10 @@ from fire_mpo_core.models import (
     parameter_breakdown,
     shift_for_next_token,
 )
+from testing_support.world import CORPUS, QUADRANTS
 
 ARCHS = ["llava", "qwen2_vl"]
 IMAGE_SIZE = 64
-
-QUADRANTS = ["upper left", "upper right", "lower left", "lower right"]
-CORPUS = [
-    *(f"Is there a lesion in the {q}?" for q in QUADRANTS),
-    *(f"The lesion is in the {q} of the lung." for q in QUADRANTS),
-    *(f"A small hyperdense round lesion in the {q}." for q in QUADRANTS),
-    "Where is the lesion?",
-    "How many lesions are there?",
-    "Is the lesion hyperdense or hypodense?",
-    "What is the size of the lesion?",
-    "Which side is the lesion on?",
-    "Yes",
-    "No",
-    "One",
-    "Two",
-    "None",
-    "left",
-    "right",
-    "The heart size is normal. No pleural effusion.",
-    "There is a large irregular hypodense lesion in the right lower lobe.",
-    "The lungs are clear. No acute findings.",
-    "Medium oval lesion, upper right, hypodense.",
-] * 3
 
 
 def lesion_image(quadrant: int, size: int = IMAGE_SIZE) -> Image.Image:

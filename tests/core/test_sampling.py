@@ -47,9 +47,8 @@ KEY_ENV = "FIRE_MPO_TEST_KEY"
 
 
 @pytest.fixture
-def fake():
-    with FakeOpenAI(lifetime_s=60) as server:
-        yield server
+def fake(fake_openai):
+    return fake_openai
 
 
 @pytest.fixture

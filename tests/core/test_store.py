@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from fire_mpo_core.store import (
     read_manifest,
     stage_key,
 )
+from testing_support.processes import run_spawned
 
 
 def _write_one(text: str):
@@ -133,15 +133,7 @@ def _concurrent_writer(root: str, tag: str, q) -> None:
 
 
 def test_two_processes_same_key_produce_one_result(tmp_path):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_concurrent_writer, args=(str(tmp_path), t, q)) for t in "ab"]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    results = [q.get(timeout=5) for _ in procs]
+    results = run_spawned(_concurrent_writer, [(str(tmp_path), t) for t in "ab"], 60)
     assert len({path for path, _ in results}) == 1
     assert sorted(cached for _, cached in results) == [False, True]
     final = Path(results[0][0])

@@ -44,14 +44,8 @@ needs_corruption = pytest.mark.skipif(corrupt is None, reason="fire_mpo_core.cor
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is as fast alone and far faster on a busy machine
-    (two spinning OpenMP threads per process on two shared cores cost 10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Every test here runs with one intra-op thread (the shared fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -326,15 +320,7 @@ def test_reference_artifact_holds_base_model_log_probs(world, processor):
 def test_artifact_mismatch_is_refused(world, tmp_path):
     cfg = small_cfg(max_length=100, max_steps=1)
     with pytest.raises(ValueError, match="max_length"):
-        train_preference(
-            world["policy"],
-            world["pairs_path"],
-            world["data"],
-            None,
-            world["reference"],
-            cfg,
-            tmp_path / "out",
-        )
+        train_preference(*world["train_args"], cfg, tmp_path / "out")
 
 
 # --------------------------------------------------------------------------- training
@@ -346,11 +332,7 @@ def test_training_lowers_loss_and_writes_outputs(world, tmp_path):
     seen: list[tuple[int, int]] = []
     out = tmp_path / "train"
     result = train_preference(
-        world["policy"],
-        world["pairs_path"],
-        world["data"],
-        None,
-        world["reference"],
+        *world["train_args"],
         cfg,
         out,
         on_step=lambda step, total, m: seen.append((step, total)),
@@ -416,7 +398,7 @@ def test_exact_resume_after_interruption(world, tmp_path):
     cfg = small_cfg(
         max_steps=5, batch_size=3, grad_accum=2, save_every=2, lora=LoRAConfig(r=4, dropout=0.1)
     )
-    args = (world["policy"], world["pairs_path"], world["data"], None, world["reference"], cfg)
+    args = (*world["train_args"], cfg)
     full = train_preference(*args, tmp_path / "full")
     assert full["resumed_from_step"] is None
 
@@ -534,6 +516,6 @@ def test_group_by_length_orders_micro_batches_by_length(world, tmp_path):
     assert all(len({lengths[i] < 10 for i in b}) == 1 for b in batches)
     assert order.micro_batch(4) != batches[0] or order.micro_batch(5) != batches[1]  # epoch 2
     cfg = small_cfg(max_steps=2, batch_size=3, group_by_length=True)
-    args = (world["policy"], world["pairs_path"], world["data"], None, world["reference"], cfg)
+    args = (*world["train_args"], cfg)
     out = train_preference(*args, tmp_path / "grouped")
     assert out["steps"] == 2

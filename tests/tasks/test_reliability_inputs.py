@@ -34,7 +34,7 @@ from tasks import corrupt as corrupt_task
 from tasks import judge as judge_task
 from tasks import sample as sample_task
 from tasks.common import StageCall
-from testing_support.fake_openai import FakeOpenAI, ok
+from testing_support.fake_openai import ok
 from testing_support.stage_inputs import GOOD, GOOD_REPLY, RESPONSE, dataset, finished, png, record
 from testing_support.stage_inputs import judge_reply as _reply
 from testing_support.stage_inputs import record_line as _line
@@ -84,10 +84,9 @@ def store(tmp_path) -> ArtifactStore:
 
 
 @pytest.fixture
-def fake(monkeypatch):
+def fake(monkeypatch, fake_openai):
     monkeypatch.setenv(KEY_ENV, "sk-inputs-0123456789")
-    with FakeOpenAI(lifetime_s=60) as server:
-        yield server
+    return fake_openai
 
 
 @pytest.fixture(autouse=True)

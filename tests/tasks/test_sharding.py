@@ -20,7 +20,6 @@ from prefect import flow, task
 from fire_mpo_core.config import DataConfig
 from fire_mpo_core.corruption.batch import CorruptConfig
 from fire_mpo_core.data.io import load_records
-from fire_mpo_core.data.records import Rollout
 from fire_mpo_core.data.synthlesion import generate_synthlesion
 from fire_mpo_core.judge import JudgeConfig
 from fire_mpo_core.store import DATA, ArtifactStore, write_jsonl
@@ -28,6 +27,7 @@ from tasks.common import StageCall, bind
 from tasks.corrupt import corrupt
 from tasks.judge import judge
 from tasks.shards import DASK_ADDRESS_ENV, RUNNER_ENV, make_runner, run_shards, shard_bounds
+from testing_support.stage_inputs import rollout
 
 try:
     import distributed
@@ -102,18 +102,7 @@ def world(tmp_path_factory) -> dict:
         response = r.answer if kind == 0 or not wrong else wrong[i % len(wrong)]
         if i % 7 == 6:
             response = "zzz qqq"
-        rollouts.append(
-            Rollout(
-                id=f"{r.id}#0",
-                record_id=r.id,
-                sample_index=0,
-                question=r.question,
-                response=response,
-                engine="hf",
-                model_key="m",
-                seed=0,
-            )
-        )
+        rollouts.append(rollout(r.id, response, question=r.question))
     rollouts.append(rollouts[0].model_copy(update={"id": "ghost#0", "record_id": "ghost"}))
     sample = store.run_stage(
         run="inputs",
