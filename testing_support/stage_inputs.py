@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from fire_mpo_core.data.records import Rollout
+from fire_mpo_core.data.records import Rollout, VQARecord
 from fire_mpo_core.store import ArtifactStore
 
 
@@ -113,3 +113,12 @@ def rollout(
         model_key=model_key,
         seed=0,
     )
+
+
+def wrong_answers(records: Sequence[VQARecord]) -> list[list[str]]:
+    """Per record (in order), the answers of the other records of its question type that differ
+    from its own (repeats kept): wrong answers a policy could give."""
+    by_type: dict[str, list[str]] = {}
+    for r in records:
+        by_type.setdefault(r.question_type, []).append(r.answer)
+    return [[a for a in by_type[r.question_type] if a != r.answer] for r in records]

@@ -27,7 +27,7 @@ from tasks.common import StageCall, bind
 from tasks.corrupt import corrupt
 from tasks.judge import judge
 from tasks.shards import DASK_ADDRESS_ENV, RUNNER_ENV, make_runner, run_shards, shard_bounds
-from testing_support.stage_inputs import rollout
+from testing_support.stage_inputs import rollout, wrong_answers
 
 try:
     import distributed
@@ -92,12 +92,8 @@ def world(tmp_path_factory) -> dict:
         fn=lambda w: generate_synthlesion(data_cfg, w.path),
     ).path
     records = load_records(prepare, splits=("train",))
-    by_type: dict[str, list[str]] = {}
-    for r in records:
-        by_type.setdefault(r.question_type, []).append(r.answer)
     rollouts = []
-    for i, r in enumerate(records):
-        wrong = [a for a in by_type[r.question_type] if a != r.answer]
+    for i, (r, wrong) in enumerate(zip(records, wrong_answers(records))):
         kind = i % 3
         response = r.answer if kind == 0 or not wrong else wrong[i % len(wrong)]
         if i % 7 == 6:
