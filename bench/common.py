@@ -8,7 +8,7 @@ Not run on its own; the bench modules import it::
 
 The world is the embedded default's model size (tiny LLaVA, hidden 128, 2 layers, vocabulary 1024,
 64 px images at patch 16) on a small generated SynthLesion, with preference pairs from
-``tests/helpers_pairs.py`` (chosen = the record's answer, rejected = another answer of the same
+``testing_support/pairs.py`` (chosen = the record's answer, rejected = another answer of the same
 question type, whole-answer spans, lesion-noise v'). It is built once per folder and reused.
 """
 
@@ -173,30 +173,21 @@ def build_world(root: Path, n_pairs: int = 64, image_size: int = 64) -> dict[str
         info = json.loads(info_path.read_text())
         if info.get("key") == [WORLD_VERSION, n_pairs, image_size]:
             return info
-    from fire_mpo_core.config import DataConfig, ModelConfig
-    from fire_mpo_core.data.synthlesion import generate_synthlesion, load_records
-    from fire_mpo_core.models import build_tiny_model
-    from tests.helpers_pairs import write_pairs
+    from testing_support.world import build_world as build_tiny_world
 
-    data = root / "data"
-    n_images = max(8, n_pairs // 2)
-    generate_synthlesion(
-        DataConfig(
-            image_size=image_size,
-            n_train_images=n_images,
-            n_val_images=0,
-            n_test_images=16,  # 64 test records: the evaluation throughput
-            questions_per_image=4,
-            report_fraction=0.0,
-        ),
-        data,
+    world = build_tiny_world(
+        root,
+        data={
+            "image_size": image_size,
+            "n_train_images": max(8, n_pairs // 2),
+            "n_test_images": 16,  # 64 test records: the evaluation throughput
+            "questions_per_image": 4,
+        },
+        # The embedded default's model (configs/default.yaml): hidden 128, 2 layers, patch 16.
+        models={"base": {"hidden_size": 128, "patch_size": 16}},
+        pairs=n_pairs,
     )
-    records = [r for r in load_records(data) if r.split == "train"]
-    texts = [t for r in records for t in (r.question, r.answer)]
-    # The embedded default's model (configs/default.yaml): hidden 128, 2 layers, patch 16.
-    model_cfg = ModelConfig(hidden_size=128, patch_size=16)
-    base = build_tiny_model(model_cfg, texts, image_size, root / "base")
-    pairs = write_pairs(records, data, root / "pairs", n=n_pairs)
+    data, base, pairs = world["data"], world["base"], world["pairs_path"]
     n = sum(1 for _ in pairs.open())
     info = {
         "data": str(data),

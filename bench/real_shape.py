@@ -221,7 +221,7 @@ def _paper(world: dict, steps: int, batch: int, max_length: int) -> dict:
         load_pairs,
     )
     from fire_mpo_core.training.config import LoRAConfig
-    from fire_mpo_core.training.preference import attach_lora
+    from fire_mpo_core.training.lora import attach_lora
 
     pairs_path = Path(world["pairs"])
     pairs = load_pairs(pairs_path)

@@ -62,29 +62,14 @@ def _sampling(world: dict, prompts: int, tokens: int, repeats: int) -> dict:
 
 def _judge(world: dict, repeats: int) -> dict:
     from fire_mpo_core.data.io import load_records
-    from fire_mpo_core.data.records import Rollout
     from fire_mpo_core.judge import JudgeConfig, build_judge, judge_rollouts
+    from testing_support.stage_inputs import rollout, wrong_answers
 
     records = load_records(Path(world["data"]))
-    by_type: dict[str, list[str]] = {}
-    for r in records:
-        by_type.setdefault(r.question_type, []).append(r.answer)
     rollouts = []
-    for i, r in enumerate(records):
-        wrong = [a for a in by_type[r.question_type] if a != r.answer]
+    for i, (r, wrong) in enumerate(zip(records, wrong_answers(records))):
         response = r.answer if i % 2 == 0 or not wrong else wrong[i % len(wrong)]
-        rollouts.append(
-            Rollout(
-                id=f"{r.id}#0",
-                record_id=r.id,
-                sample_index=0,
-                question=r.question,
-                response=response,
-                engine="hf",
-                model_key="bench",
-                seed=0,
-            )
-        )
+        rollouts.append(rollout(r.id, response, question=r.question, model_key="bench"))
     judge = build_judge(JudgeConfig(), records)
     times, pairs = [], 0
     for _ in range(repeats):

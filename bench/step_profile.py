@@ -94,7 +94,7 @@ def _setup(world: dict, use_artifact: bool, tmp: str):
     from fire_mpo_core.policy import PolicyRef
     from fire_mpo_core.training.batching import ImageCache, hf_model, load_pairs
     from fire_mpo_core.training.config import ReferenceConfig, TrainConfig
-    from fire_mpo_core.training.preference import attach_lora
+    from fire_mpo_core.training.lora import attach_lora
     from fire_mpo_core.training.reference import ReferenceTable, compute_reference_logprobs
 
     cfg = TrainConfig(loss={"name": "fire_mpo"}, use_fused=True, save_every=None, max_steps=1)
@@ -128,7 +128,7 @@ def _step(s: dict, chunk, use_artifact: bool, rf=None) -> dict:
     import contextlib
 
     from fire_mpo_core.training.batching import build_branch_batch
-    from fire_mpo_core.training.preference import score_batch
+    from fire_mpo_core.training.scoring import score_batch
 
     rng = rf or (lambda name: contextlib.nullcontext())
     cfg = s["cfg"]

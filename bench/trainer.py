@@ -113,6 +113,7 @@ def _ours(
 ) -> dict:
     from fire_mpo_core.policy import PolicyRef
     from fire_mpo_core.training.config import ReferenceConfig
+    from fire_mpo_core.training.job import TrainJob
     from fire_mpo_core.training.preference import train_preference
     from fire_mpo_core.training.reference import compute_reference_logprobs
 
@@ -129,24 +130,23 @@ def _ours(
             ref_s = time.perf_counter() - t0
             ref_path = info["path"]
         clock = _StepClock()
-        out = train_preference(
-            policy,
-            pairs,
-            world["data"],
-            None,
-            ref_path,
-            cfg,
-            tmp + "/train",
-            on_step=lambda s, n, m: clock.tick(),
+        job = TrainJob(
+            policy=policy,
+            pairs_path=pairs,
+            image_root=world["data"],
+            reference_path=ref_path,
+            cfg=cfg,
+            out_dir=Path(tmp) / "train",
         )
+        out = train_preference(job, on_step=lambda s, n, m: clock.tick())
     res = clock.result(batch)
     res.update(
         {
             "reference_artifact_s": ref_s,
             "reference_artifact_s_per_pair": ref_s / world["n_pairs"],
-            "image_encodes_per_pair_step": out["image_encodes_per_pair_step"],
-            "trainable_parameters": out["trainable_parameters"],
-            "final_loss": out["final_metrics"].get("loss"),
+            "image_encodes_per_pair_step": out.image_encodes_per_pair_step,
+            "trainable_parameters": out.trainable_parameters,
+            "final_loss": out.final_metrics.get("loss"),
         }
     )
     return res
@@ -185,7 +185,7 @@ def _trl(
 
     from fire_mpo_core.models import load_model
     from fire_mpo_core.training.config import LoRAConfig
-    from fire_mpo_core.training.preference import lora_target_modules
+    from fire_mpo_core.training.lora import lora_target_modules
 
     dataset, processor = _trl_dataset(world)
     model = load_model(world["base"], dtype="float32", device="cpu")

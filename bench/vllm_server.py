@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
-    from tests.tiny_idefics3 import build_tiny_adapter, build_tiny_idefics3
+    from testing_support.tiny_idefics3 import build_tiny_adapter, build_tiny_idefics3
 
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     base = build_tiny_idefics3(work / "base")

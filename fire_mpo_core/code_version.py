@@ -15,7 +15,7 @@ What is hashed per module: its name and its syntax tree without docstrings (``as
 comments, docstrings and formatting never invalidate results. Data files that ship inside a
 package directory (the LLM judge's prompts) are hashed byte for byte with the package. Imports
 by string (``importlib.import_module("...")``) are not followed: the project has none on a
-stage's path (checked by ``tests/test_code_version.py``).
+stage's path (checked by ``tests/core/test_code_version.py``).
 """
 
 from __future__ import annotations

@@ -1,11 +1,23 @@
-"""Shared fixtures: real-data location, and one Prefect test server for the whole session."""
+"""Shared fixtures of every layer (tests/core, tests/tasks, tests/flows, tests/bench): the
+real-data location, one Prefect test server for the whole session, the tiny data + model world
+(built once per spec) and the fake OpenAI-compatible server. The helpers behind them live in
+``testing_support/`` (importable by ``bench/`` too).
+
+    .venv/bin/python -m pytest -q                    # what `make test` runs (not the slow ones)
+    .venv/bin/python -m pytest tests/core -q         # one layer
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from testing_support import REPO
 
 # Tests never reach a model hub or telemetry endpoint; progress bars only clutter the output.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,7 +25,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get("FIRE_MPO_REALDATA", REPO.parent / "shared" / "realdata"))
 
 
@@ -33,29 +44,42 @@ def prefect_harness():
         yield
 
 
-def task_states(flow_run_id, settle_s: float = 20.0) -> dict[str, str]:
-    """Task run name -> final state name of a flow run.
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Callable[..., dict[str, Any]]:
+    """``tiny_world(**spec)``: :func:`testing_support.world.build_world` for that spec, built
+    once per session in its own folder and shared by every test that asks for the same spec
+    (read it, do not write into it)."""
+    from testing_support.world import build_world
 
-    Prefect 3 records task-run states through its events pipeline, asynchronously: right after a
-    flow returns, the API may still show a task as Running (or not at all). Poll until every
-    task run is in a final state and two reads agree.
-    """
-    import time
+    built: dict[str, dict[str, Any]] = {}
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    def make(**spec: Any) -> dict[str, Any]:
+        key = json.dumps(spec, sort_keys=True)
+        if key not in built:
+            built[key] = build_world(tmp_path_factory.mktemp("world"), **spec)
+        return built[key]
 
-    final = {"Completed", "Cached", "Failed", "Crashed", "Cancelled"}
-    last: dict[str, str] | None = None
-    deadline = time.monotonic() + settle_s
-    while True:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-        states = {r.name: r.state.name for r in runs}
-        settled = bool(states) and set(states.values()) <= final
-        if (settled and states == last) or time.monotonic() > deadline:
-            return states
-        last = states if settled else None
-        time.sleep(0.5)
+    return make
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[Any]:
+    """A started :class:`testing_support.fake_openai.FakeOpenAI` (plain OpenAI endpoint, replies
+    ``ok`` unless scripted), stopped after the test."""
+    from testing_support.fake_openai import FakeOpenAI
+
+    with FakeOpenAI(lifetime_s=60) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``). Tiny matrices: one thread is as fast alone and far faster on a busy
+    machine (two spinning OpenMP threads per process on two shared cores cost 10x here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
