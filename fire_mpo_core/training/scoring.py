@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -130,15 +131,37 @@ def score_batch(
         wanted += [b for b in loss_fn.corrupt_branches if b in batch.branches()]
     if reference is not None:
         _check_reference_counts(batch, {b: reference[b] for b in wanted})
-    hf = hf_model(model)
-    head = hf.get_output_embeddings()
-    weight, bias = head_weight(head)  # gathered when sharded (every rank, once per batch)
-    n_pairs, device = batch.num_pairs, batch.row_pair.device
-    all_rows = torch.arange(batch.num_rows, device=device)
-    cc_rows = batch.rows["clean_chosen"]
-    stats = {"image_encodes": 0, "rows": batch.num_rows}
+    fw, stats = _forwards(model, batch, loss_fn, reference, shared_images, vision_adapted, autocast)
+    if use_fused:
+        if reference is None:
+            reference = branch_reference_sums(
+                model, batch, chunk_size, hidden=(fw.ref_hidden, fw.ref_width)
+            )
+        out = _fused_outputs(model, batch, loss_cfg, loss_fn, wanted, fw, reference, chunk_size)
+    else:
+        out = _naive_outputs(model, batch, loss_cfg, loss_fn, wanted, fw, reference, autocast)
+    return out, stats
 
-    # --- policy: one forward over every row
+
+@dataclass
+class _Forwards:
+    """The policy's last hidden states over every row, the reference's where it ran, and the
+    shifted targets every path reads."""
+
+    hidden: Tensor  # [R, W, H]
+    labels: Tensor  # [R, W-1], IGNORE_INDEX outside the responses
+    spans: Tensor  # [R, W-1] bool, the clinical spans
+    cc_rows: Tensor  # rows of (v, y+)
+    ref_hidden: Tensor | None  # all rows (no artifact) or the (v, y+) rows (artifact + KL)
+    ref_width: int
+    reference_on_cc: bool  # ref_hidden holds only the (v, y+) rows
+
+
+def _forwards(model, batch, loss_fn, reference, shared_images, vision_adapted, autocast):
+    """One policy forward over every row; the reference on every row (no artifact) or on the
+    (v, y+) rows for the KL (artifact). Returns (:class:`_Forwards`, counters)."""
+    all_rows = torch.arange(batch.num_rows, device=batch.row_pair.device)
+    stats = {"image_encodes": 0, "rows": batch.num_rows}
     with autocast():
         feats = None
         if shared_images:
@@ -149,78 +172,84 @@ def score_batch(
     if not shared_images:
         stats["image_encodes"] += batch.num_rows
     labels_all, span_all = shifted_targets(batch, all_rows, width)  # [R, W-1]
-
-    # --- reference: all rows (no artifact) or the (v, y+) rows for the KL (artifact)
-    ref_hidden = None
+    cc_rows = batch.rows["clean_chosen"]
     ref_rows: Tensor | None = None
-    reference_on_cc = reference is not None  # in-step reference only on the (v, y+) rows
     if reference is None:
         ref_rows = all_rows
     elif loss_fn.kl_on is not None:
         ref_rows = cc_rows
+    ref_hidden, ref_width = None, 0
     if ref_rows is not None:
         ref_hidden, ref_width, enc = _reference_forward(
             model, batch, ref_rows, feats, shared_images, vision_adapted, autocast
         )
         stats["image_encodes"] += enc if shared_images else int(ref_rows.numel())
-    if reference is None and use_fused:
-        reference = branch_reference_sums(model, batch, chunk_size, hidden=(ref_hidden, ref_width))
+    fw = _Forwards(
+        hidden, labels_all, span_all, cc_rows, ref_hidden, ref_width, reference is not None
+    )
+    return fw, stats
 
-    if use_fused:
-        if hasattr(head, "base_layer"):
-            raise ValueError("use_fused needs a frozen lm_head, but it carries a LoRA adapter")
-        h = hidden[:, :-1].to(weight.dtype)
-        branches = {}
-        for branch in wanted:
-            rows, pairs = batch.present(branch)
-            lab, sp = labels_all[rows], span_all[rows]
-            mask = lab != IGNORE_INDEX
-            branches[branch] = FusedBranch(
-                hidden=h[rows][mask],
-                targets=lab[mask],
-                pair_index=pairs.unsqueeze(1).expand_as(lab)[mask],
-                span_mask=sp[mask],
-                reference_logp=reference[branch].logp,
-                reference_span_logp=reference[branch].span_logp,
-            )
-        ref_kl = None
-        if loss_fn.kl_on is not None:
-            # Reference states of every response token of (v, y+), in the packing order above.
-            lab_cc = labels_all[cc_rows, : ref_width - 1]
-            ref_h = ref_hidden if reference_on_cc else ref_hidden[cc_rows]
-            ref_kl = ref_h[:, : ref_width - 1][lab_cc != IGNORE_INDEX].to(weight.dtype)
-        out = preference_outputs_from_hidden(
-            loss_cfg,
-            branches,
-            weight,
-            batch.has_corrupted,
-            lm_head_bias=bias,
-            reference_kl_hidden=ref_kl,
-            chunk_size=chunk_size,
+
+def _fused_outputs(model, batch, loss_cfg, loss_fn, wanted, fw, reference, chunk_size):
+    """Fused path: token log-probs chunk by chunk from the hidden states and the lm_head."""
+    head = hf_model(model).get_output_embeddings()
+    weight, bias = head_weight(head)  # gathered when sharded (every rank, once per batch)
+    if hasattr(head, "base_layer"):
+        raise ValueError("use_fused needs a frozen lm_head, but it carries a LoRA adapter")
+    h = fw.hidden[:, :-1].to(weight.dtype)
+    branches = {}
+    for branch in wanted:
+        rows, pairs = batch.present(branch)
+        lab, sp = fw.labels[rows], fw.spans[rows]
+        mask = lab != IGNORE_INDEX
+        branches[branch] = FusedBranch(
+            hidden=h[rows][mask],
+            targets=lab[mask],
+            pair_index=pairs.unsqueeze(1).expand_as(lab)[mask],
+            span_mask=sp[mask],
+            reference_logp=reference[branch].logp,
+            reference_span_logp=reference[branch].span_logp,
         )
-        return out, stats
+    ref_kl = None
+    if loss_fn.kl_on is not None:
+        # Reference states of every response token of (v, y+), in the packing order above.
+        lab_cc = fw.labels[fw.cc_rows, : fw.ref_width - 1]
+        ref_h = fw.ref_hidden if fw.reference_on_cc else fw.ref_hidden[fw.cc_rows]
+        ref_kl = ref_h[:, : fw.ref_width - 1][lab_cc != IGNORE_INDEX].to(weight.dtype)
+    return preference_outputs_from_hidden(
+        loss_cfg,
+        branches,
+        weight,
+        batch.has_corrupted,
+        lm_head_bias=bias,
+        reference_kl_hidden=ref_kl,
+        chunk_size=chunk_size,
+    )
 
-    # --- naive path: full logits [R, W-1, V]
+
+def _naive_outputs(model, batch, loss_cfg, loss_fn, wanted, fw, reference, autocast):
+    """Naive path: full logits [R, W-1, V]; the reference from logits too (no artifact) or
+    from the artifact's sums with the in-step reference only for the KL."""
+    head = hf_model(model).get_output_embeddings()
     with autocast():
-        logits = head(hidden)[:, :-1]
+        logits = head(fw.hidden)[:, :-1]
 
     def gather(branch: str) -> tuple[Tensor, Tensor, Tensor]:
         # [B]-shaped view of a branch; pairs without it read their (v, y+) row with no labels.
         r = batch.rows[branch]
         present = r >= 0
-        idx = torch.where(present, r, cc_rows)
-        lab = labels_all[idx].masked_fill(~present.unsqueeze(1), IGNORE_INDEX)
-        return idx, lab, span_all[idx] & present.unsqueeze(1)
+        idx = torch.where(present, r, fw.cc_rows)
+        lab = fw.labels[idx].masked_fill(~present.unsqueeze(1), IGNORE_INDEX)
+        return idx, lab, fw.spans[idx] & present.unsqueeze(1)
 
     if reference is None:  # the public naive contract, reference logits on every branch
         with torch.no_grad(), model.disable_adapter(), autocast():  # an adapted head, too
-            ref_logits = head(ref_hidden)[:, :-1]
+            ref_logits = head(fw.ref_hidden)[:, :-1]
         pol, ref, labs, spans = {}, {}, {}, {}
         for branch in wanted:
             idx, labs[branch], spans[branch] = gather(branch)
             pol[branch], ref[branch] = logits[idx], ref_logits[idx]
-        out = preference_outputs_from_logits(loss_cfg, pol, ref, labs, spans, batch.has_corrupted)
-        return out, stats
+        return preference_outputs_from_logits(loss_cfg, pol, ref, labs, spans, batch.has_corrupted)
 
     logps: dict[str, BranchLogps] = {}
     for branch in wanted:
@@ -235,19 +264,8 @@ def score_batch(
         )
     kl_forward = kl_reverse = None
     if loss_fn.kl_on is not None:
-        lab_cc, sp_cc = labels_all[cc_rows, : ref_width - 1], span_all[cc_rows, : ref_width - 1]
-        pos = lab_cc != IGNORE_INDEX
-        if loss_fn.kl_on == "spans":
-            pos = pos & sp_cc
-        pol_lp = torch.log_softmax(_upcast(logits[cc_rows, : ref_width - 1][pos]), -1)
-        with torch.no_grad(), model.disable_adapter(), autocast():
-            ref_logits = head(ref_hidden[:, : ref_width - 1][pos])
-        fwd, rev = kl_per_position(pol_lp, torch.log_softmax(_upcast(ref_logits), -1))
-        pair_index = torch.arange(n_pairs, device=device).unsqueeze(1).expand_as(pos)[pos]
-        zeros = fwd.new_zeros(n_pairs)
-        kl_forward = zeros.index_add(0, pair_index, fwd)
-        kl_reverse = zeros.index_add(0, pair_index, rev)
-    out = loss_fn(
+        kl_forward, kl_reverse = _naive_kl(model, head, batch, loss_fn, fw, logits, autocast)
+    return loss_fn(
         PreferenceLogps(
             clean_chosen=logps["clean_chosen"],
             clean_rejected=logps["clean_rejected"],
@@ -258,4 +276,20 @@ def score_batch(
             kl_reverse=kl_reverse,
         )
     )
-    return out, stats
+
+
+def _naive_kl(model, head, batch, loss_fn, fw, logits, autocast) -> tuple[Tensor, Tensor]:
+    """Per-pair forward / reverse KL sums over the KL positions of (v, y+), from full logits."""
+    n_pairs, device = batch.num_pairs, batch.row_pair.device
+    lab_cc = fw.labels[fw.cc_rows, : fw.ref_width - 1]
+    sp_cc = fw.spans[fw.cc_rows, : fw.ref_width - 1]
+    pos = lab_cc != IGNORE_INDEX
+    if loss_fn.kl_on == "spans":
+        pos = pos & sp_cc
+    pol_lp = torch.log_softmax(_upcast(logits[fw.cc_rows, : fw.ref_width - 1][pos]), -1)
+    with torch.no_grad(), model.disable_adapter(), autocast():
+        ref_logits = head(fw.ref_hidden[:, : fw.ref_width - 1][pos])
+    fwd, rev = kl_per_position(pol_lp, torch.log_softmax(_upcast(ref_logits), -1))
+    pair_index = torch.arange(n_pairs, device=device).unsqueeze(1).expand_as(pos)[pos]
+    zeros = fwd.new_zeros(n_pairs)
+    return zeros.index_add(0, pair_index, fwd), zeros.index_add(0, pair_index, rev)
