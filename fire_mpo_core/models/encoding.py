@@ -113,71 +113,31 @@ def encode_batch(
             without EOS (with responses), or a prompt longer than
             ``max_length`` (with responses: leaving no room for one response token).
     """
-    n = len(questions)
-    if n == 0:
-        raise ValueError("encode_batch needs at least one example")
-    if len(images) != n:
-        raise ValueError(f"{len(images)} images for {n} questions")
-    if responses is not None and len(responses) != n:
-        raise ValueError(f"{len(responses)} responses for {n} questions")
-    if response_spans is not None:
-        if responses is None:
-            raise ValueError("response_spans given without responses")
-        if len(response_spans) != n:
-            raise ValueError(f"{len(response_spans)} span lists for {n} questions")
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-
+    _check_batch(images, questions, responses, response_spans, padding_side)
     tokenizer = processor.tokenizer
     if responses is not None and tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token to end the responses with")
-    prompts = build_prompts(processor, questions)
-    # As ProcessorMixin.apply_chat_template(tokenize=True) does: a template that writes BOS itself
-    # gets no second one; otherwise the tokenizer adds its usual specials (Llama's BOS, ...).
-    bos = tokenizer.bos_token
-    add_special = not (bos is not None and prompts[0].startswith(bos))
-    family = processor_family(processor)
-    enc = processor(
-        # Gemma 3 / Idefics3 want one list of images per sample, the others a flat list.
-        images=family.processor_images(images) if family is not None else list(images),
-        text=prompts,
-        add_special_tokens=add_special,
-        padding=True,
-        return_tensors="pt",
-    )
+    enc = _encode_prompts(processor, images, questions)
     text_keys = [k for k in _TEXT_ALIGNED if k in enc]
     real = enc["attention_mask"].bool()
-    pad_values = {"input_ids": _pad_id(tokenizer)}
-
-    rows: list[dict[str, list[int]]] = []
-    labels_rows: list[list[int]] = []
-    span_rows: list[list[bool]] = []
-    truncated: list[bool] = []
     resp_enc = (
         tokenizer(list(responses), add_special_tokens=False, return_offsets_mapping=True)
         if responses is not None
         else None
     )
-    for i in range(n):
+    rows: list[dict[str, list[int]]] = []
+    labels_rows: list[list[int]] = []
+    span_rows: list[list[bool]] = []
+    truncated: list[bool] = []
+    for i in range(len(questions)):
         row = {k: enc[k][i][real[i]].tolist() for k in text_keys}
         prompt_len = len(row["input_ids"])
-        if max_length is not None:
-            need = prompt_len + (1 if responses is not None else 0)
-            if need > max_length:
-                raise ValueError(
-                    f"prompt of example {i} is {prompt_len} tokens (image tokens included), "
-                    f"max_length is {max_length}"
-                    + ("; no room for a response token" if responses is not None else "")
-                )
+        _check_prompt_fits(i, prompt_len, max_length, responses is not None)
         if resp_enc is not None:
-            ids = [*resp_enc["input_ids"][i], tokenizer.eos_token_id]
-            offsets = [tuple(o) for o in resp_enc["offset_mapping"][i]]
             spans = response_spans[i] if response_spans is not None else []
-            marks = [_overlaps(o, spans) for o in offsets] + [False]  # EOS is in no span
-            cut = False
-            if max_length is not None and prompt_len + len(ids) > max_length:
-                keep = max_length - prompt_len
-                ids, marks, cut = ids[:keep], marks[:keep], True
+            ids, marks, cut = _response_tokens(
+                resp_enc, i, tokenizer.eos_token_id, spans, prompt_len, max_length
+            )
             row["input_ids"] = row["input_ids"] + ids
             for k in text_keys:
                 if k == "attention_mask":
@@ -195,6 +155,7 @@ def encode_batch(
         fill = [value] * (width - len(seq))
         return fill + seq if padding_side == "left" else seq + fill
 
+    pad_values = {"input_ids": _pad_id(tokenizer)}
     out: dict[str, Tensor] = {}
     for k in text_keys:
         value = pad_values.get(k, 0)
@@ -207,6 +168,64 @@ def encode_batch(
         out["span_mask"] = torch.tensor([pad(r, False) for r in span_rows], dtype=torch.bool)
         out["response_truncated"] = torch.tensor(truncated, dtype=torch.bool)
     return out
+
+
+def _check_batch(images, questions, responses, response_spans, padding_side) -> None:
+    n = len(questions)
+    if n == 0:
+        raise ValueError("encode_batch needs at least one example")
+    if len(images) != n:
+        raise ValueError(f"{len(images)} images for {n} questions")
+    if responses is not None and len(responses) != n:
+        raise ValueError(f"{len(responses)} responses for {n} questions")
+    if response_spans is not None:
+        if responses is None:
+            raise ValueError("response_spans given without responses")
+        if len(response_spans) != n:
+            raise ValueError(f"{len(response_spans)} span lists for {n} questions")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+
+
+def _encode_prompts(processor, images: list[Image.Image], questions: list[str]):
+    """The processor's encoding of the chat-template prompts with their images."""
+    prompts = build_prompts(processor, questions)
+    # As ProcessorMixin.apply_chat_template(tokenize=True) does: a template that writes BOS itself
+    # gets no second one; otherwise the tokenizer adds its usual specials (Llama's BOS, ...).
+    bos = processor.tokenizer.bos_token
+    add_special = not (bos is not None and prompts[0].startswith(bos))
+    family = processor_family(processor)
+    return processor(
+        # Gemma 3 / Idefics3 want one list of images per sample, the others a flat list.
+        images=family.processor_images(images) if family is not None else list(images),
+        text=prompts,
+        add_special_tokens=add_special,
+        padding=True,
+        return_tensors="pt",
+    )
+
+
+def _check_prompt_fits(i: int, prompt_len: int, max_length: int | None, with_response: bool):
+    if max_length is None:
+        return
+    if prompt_len + (1 if with_response else 0) > max_length:
+        raise ValueError(
+            f"prompt of example {i} is {prompt_len} tokens (image tokens included), "
+            f"max_length is {max_length}"
+            + ("; no room for a response token" if with_response else "")
+        )
+
+
+def _response_tokens(resp_enc, i, eos_id, spans, prompt_len, max_length):
+    """(response ids + EOS, their span marks, cut?) of example ``i``; only the response is cut
+    to ``max_length`` (a cut response loses its EOS)."""
+    ids = [*resp_enc["input_ids"][i], eos_id]
+    offsets = [tuple(o) for o in resp_enc["offset_mapping"][i]]
+    marks = [_overlaps(o, spans) for o in offsets] + [False]  # EOS is in no span
+    if max_length is not None and prompt_len + len(ids) > max_length:
+        keep = max_length - prompt_len
+        return ids[:keep], marks[:keep], True
+    return ids, marks, False
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
