@@ -53,9 +53,9 @@ def test_sharded_strategy_from_the_cycle_config_and_its_gpu_accelerate_config():
     from fire_mpo_core.config import load_config
     from fire_mpo_core.training.launch import build_launch_command
 
-    fsdp_yaml = Path(__file__).resolve().parents[1] / "configs/accelerate/fsdp_gpu.yaml"
+    fsdp_yaml = Path(__file__).resolve().parents[2] / "configs/accelerate/fsdp_gpu.yaml"
     cfg = load_config(
-        Path(__file__).resolve().parents[1] / "configs/default.yaml",
+        Path(__file__).resolve().parents[2] / "configs/default.yaml",
         {
             "train.num_processes": 2,
             "train.strategy": "fsdp",
