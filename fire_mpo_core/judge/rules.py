@@ -75,6 +75,7 @@ from fire_mpo_core.judge.types import Analysis, Unjudgeable, Verdict
 from fire_mpo_core.judge.validate import validate_pair
 from fire_mpo_core.judge.yes_no import POSITIVE_CUES, analyse_yes_no, is_yes_no
 
+# The constants of the parts stay importable from here, where they were defined before the split.
 __all__ = [
     "ATTRIBUTE_WORD_CLASSES",
     "CONNECTORS",
