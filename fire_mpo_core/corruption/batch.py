@@ -135,37 +135,8 @@ def corrupt_for_record(
     prompt = prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
     info: dict[str, Any] = {"seed": int(seed), "prompt": prompt, "empty_mask": False}
 
-    region: np.ndarray | None = None
-    path: Path_
-    if cfg.region == "whole":
-        path = "whole_config"
-    else:
-        if validate_mask(mask, image.shape) is not None:
-            region = dilate_mask(mask, cfg.dilate_px) if np.count_nonzero(mask) else None
-            info["empty_mask"] = region is None
-        if region is not None:
-            path = "dataset_mask"
-        elif prompt is None:
-            path = "no_prompt"
-        elif segmenter is None:
-            path = "no_segmenter"
-        else:
-            found = segmenter.segment(image, prompt)
-            if found is not None and found.shape != (h, w):
-                raise ValueError(f"segmenter returned shape {found.shape} for image {(h, w)}")
-            if found is not None and np.count_nonzero(found):
-                region = dilate_mask(found.astype(bool), cfg.dilate_px)
-                path = "segmenter"
-            else:
-                path = "not_found"
-
-    if path in ("dataset_mask", "segmenter", "whole_config"):
-        kind = cfg.kind
-        params: dict[str, Any] = dict(cfg.params)
-        if kind == "noise":
-            params.update(_noise_params(cfg, whole=region is None))
-    else:  # the paper's fallbacks: whole-image noise at the whole-image sigma
-        kind, params = "noise", _noise_params(cfg, whole=True)
+    path, region, found = _choose_region(image, mask, prompt, segmenter, cfg, info)
+    kind, params = _kind_and_params(cfg, path, region)
     out = corrupt(image, region, kind, int(seed), **params)
 
     n = int(np.count_nonzero(region)) if region is not None else h * w
@@ -186,6 +157,49 @@ def corrupt_for_record(
             lesion = found.astype(bool)
         info["quality"] = corruption_quality(image, out, region, lesion).model_dump()
     return out, info
+
+
+def _choose_region(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    prompt: str | None,
+    segmenter: Segmenter | None,
+    cfg: CorruptConfig,
+    info: dict[str, Any],
+) -> tuple[Path_, np.ndarray | None, np.ndarray | None]:
+    """The fallback path, its dilated region (None: whole image) and the segmenter's raw mask
+    (None unless it ran). Sets ``info["empty_mask"]`` for a mask without a True pixel."""
+    if cfg.region == "whole":
+        return "whole_config", None, None
+    h, w = image.shape[:2]
+    if validate_mask(mask, image.shape) is not None:
+        region = dilate_mask(mask, cfg.dilate_px) if np.count_nonzero(mask) else None
+        info["empty_mask"] = region is None
+        if region is not None:
+            return "dataset_mask", region, None
+    if prompt is None:
+        return "no_prompt", None, None
+    if segmenter is None:
+        return "no_segmenter", None, None
+    found = segmenter.segment(image, prompt)
+    if found is not None and found.shape != (h, w):
+        raise ValueError(f"segmenter returned shape {found.shape} for image {(h, w)}")
+    if found is not None and np.count_nonzero(found):
+        return "segmenter", dilate_mask(found.astype(bool), cfg.dilate_px), found
+    return "not_found", None, found
+
+
+def _kind_and_params(
+    cfg: CorruptConfig, path: Path_, region: np.ndarray | None
+) -> tuple[str, dict[str, Any]]:
+    """What to apply on ``path``: ``cfg.kind`` on a region, else the whole-image noise fallback."""
+    if path in ("dataset_mask", "segmenter", "whole_config"):
+        params: dict[str, Any] = dict(cfg.params)
+        if cfg.kind == "noise":
+            params.update(_noise_params(cfg, whole=region is None))
+        return cfg.kind, params
+    # The paper's fallbacks: whole-image noise at the whole-image sigma.
+    return "noise", _noise_params(cfg, whole=True)
 
 
 @dataclass

@@ -26,6 +26,7 @@ else one organ state (normal <-> abnormal); the choice is drawn from the judge's
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from fire_mpo_core.clinical.edits import Edit, Span, changed_words, replace_tokens
 from fire_mpo_core.clinical.frames import Frame, parse_frames
@@ -130,38 +131,7 @@ def analyse_report(
 
     edits: list[Edit] = []
     for r in rf:
-        g = partner.get(id(r))
-        fix: list[Edit] | None = []
-        what = ""
-        if g is None:
-            if r.findings and not r.negated:
-                what = "negate a finding the reference does not report"
-                fix = negate(text, rt, r.lo, r.hi, strict=False, is_noun=noun)
-        elif r.negated != g.negated:
-            what = "flip the finding's presence"
-            flip = negate if g.negated else affirm
-            fix = flip(text, rt, r.lo, r.hi, strict=False, is_noun=noun)
-        elif not r.negated:
-            for cls in r.attrs:
-                if cls not in g.attrs or _value(rt, r, cls) == _value(gt, g, cls):
-                    continue
-                what = f"replace the {cls}"
-                i = r.attrs[cls][0]
-                want = gt[g.attrs[cls][0]]
-                if cls == "count" and (rt[i].surface.isdigit() != want.surface.isdigit()):
-                    new = number_surface(int(_value(gt, g, cls)), rt[i].surface)
-                else:
-                    new = want.surface
-                fix.append(replace_tokens(text, rt, i, i, new))
-        if fix is None:
-            raise Unjudgeable("not_minimal", f"sentence {r.index}: cannot {what} by a word edit")
-        n = _edit_size(text, fix)
-        if n > max_changed_words:
-            raise Unjudgeable(
-                "not_minimal",
-                f"sentence {r.index} needs {n} changed words (> {max_changed_words})",
-            )
-        edits.extend(fix)
+        edits.extend(_sentence_fix(text, rt, r, gt, partner.get(id(r)), noun, max_changed_words))
     omitted = [g for g in gf if id(g) not in matched_g and not g.negated and g.findings]
     if edits:
         return Analysis("incorrect", sorted(edits), [], wrong_text=None)
@@ -171,6 +141,66 @@ def analyse_report(
             f"the report omits {len(omitted)} reference finding(s) "
             f"(sentence {omitted[0].index}); an in-place edit cannot add them",
         )
+    for tier in _counterfactual_tiers(text, rt, rf, noun):
+        if tier:
+            return Analysis("correct", rng.choice(tier), _clinical_spans(rt, rf))
+    raise Unjudgeable("no_counterfactual", "the report has no clinical sentence to flip")
+
+
+def _sentence_fix(
+    text: str,
+    rt: list[Token],
+    r: Frame,
+    gt: list[Token],
+    g: Frame | None,
+    noun: Callable[[str], bool],
+    max_changed_words: int,
+) -> list[Edit]:
+    """The in-place edits that make response sentence ``r`` agree with its reference partner
+    ``g`` (None: unmatched), within ``max_changed_words``.
+
+    Raises:
+        Unjudgeable: ``not_minimal`` when no word edit does it or it needs too many words.
+    """
+    fix: list[Edit] | None = []
+    what = ""
+    if g is None:
+        if r.findings and not r.negated:
+            what = "negate a finding the reference does not report"
+            fix = negate(text, rt, r.lo, r.hi, strict=False, is_noun=noun)
+    elif r.negated != g.negated:
+        what = "flip the finding's presence"
+        flip = negate if g.negated else affirm
+        fix = flip(text, rt, r.lo, r.hi, strict=False, is_noun=noun)
+    elif not r.negated:
+        for cls in r.attrs:
+            if cls not in g.attrs or _value(rt, r, cls) == _value(gt, g, cls):
+                continue
+            what = f"replace the {cls}"
+            i = r.attrs[cls][0]
+            want = gt[g.attrs[cls][0]]
+            if cls == "count" and (rt[i].surface.isdigit() != want.surface.isdigit()):
+                new = number_surface(int(_value(gt, g, cls)), rt[i].surface)
+            else:
+                new = want.surface
+            fix.append(replace_tokens(text, rt, i, i, new))
+    if fix is None:
+        raise Unjudgeable("not_minimal", f"sentence {r.index}: cannot {what} by a word edit")
+    n = _edit_size(text, fix)
+    if n > max_changed_words:
+        raise Unjudgeable(
+            "not_minimal",
+            f"sentence {r.index} needs {n} changed words (> {max_changed_words})",
+        )
+    return fix
+
+
+def _counterfactual_tiers(
+    text: str, rt: list[Token], rf: list[Frame], noun: Callable[[str], bool]
+) -> list[list[list[Edit]]]:
+    """Candidate counterfactuals of a correct report, best tier first: a finding sentence's
+    attribute flipped, its presence flipped, then the same two for organ sentences (the organ
+    state, normal <-> abnormal, then the polarity)."""
     tiers: list[list[list[Edit]]] = [[], [], [], []]
     for f in rf:
         finding = bool(f.findings)
@@ -183,7 +213,4 @@ def analyse_report(
         pol = flip(text, rt, f.lo, f.hi, strict=False, is_noun=noun)
         if pol:
             tiers[1 if finding else 3].append(pol)
-    for tier in tiers:
-        if tier:
-            return Analysis("correct", rng.choice(tier), _clinical_spans(rt, rf))
-    raise Unjudgeable("no_counterfactual", "the report has no clinical sentence to flip")
+    return tiers

@@ -210,6 +210,8 @@ def warm_up_vision(
     Returns:
         summary: steps, scans, final loss parts, seconds and (with ``holdout``) readout quality.
     """
+    # Setup. The draw order (flip generator, data RNG, head init after the torch seed, the grid
+    # probe) is part of the result: a seed gives bit-identical weights.
     scans = _load_scans(records, image_root)
     if not scans:
         raise ValueError("vision warm-up found no scans with a SynthLesion modality")
@@ -219,6 +221,71 @@ def warm_up_vision(
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     params = vision_parameters(model)
+    heads, opt, sched = _heads_and_optimizer(model, params, cfg)
+    model.train()
+    ip = processor.image_processor
+    with torch.no_grad():
+        _, grid = feature_grid(
+            model, dict(ip(images=[Image.fromarray(scans[0].image)], return_tensors="pt"))
+        )
+    positions = token_quadrants(grid)  # the same grid every step
+
+    # The loop.
+    t0 = time.perf_counter()
+    order: list[int] = []
+    parts_log: list[dict[str, float]] = []
+    log = log_path.open("w") if log_path else None
+    try:
+        for step in range(cfg.steps):
+            idx, order = _next_indices(order, len(scans), cfg.batch_size, rng)
+            flips = torch.randint(0, 2, (len(idx), 2), generator=gen).tolist()
+            batch = [_targets(scans[i], grid, (fl[0], fl[1])) for i, fl in zip(idx, flips)]
+            inputs = dict(ip(images=[b[0] for b in batch], return_tensors="pt"))
+            feats, _ = feature_grid(model, inputs)
+            loss, terms = _losses(heads, feats, batch, [scans[i] for i in idx], positions, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([*params, *heads.parameters()], 1.0)
+            opt.step()
+            sched.step()
+            parts = {"step": step + 1, "loss": round(loss.item(), 5)}
+            parts.update({k: round(v.item(), 5) for k, v in terms.items()})
+            parts_log.append(parts)
+            if log:
+                log.write(json.dumps(parts) + "\n")
+    finally:
+        if log:
+            log.close()
+
+    # Summary (the heads are thrown away; the vision side was trained in place).
+    summary = _summary(cfg, len(scans), time.perf_counter() - t0, parts_log)
+    if holdout:
+        summary.update(readout_quality(model, processor, heads, holdout, image_root))
+    return summary
+
+
+#: The logged loss terms, in log order.
+_LOSS_TERMS = ("coverage", "polarity", "modality", "count", "position")
+
+
+def _summary(
+    cfg: VisionWarmupConfig, n_scans: int, seconds: float, parts_log: list[dict[str, float]]
+) -> dict[str, Any]:
+    """Steps, scans, seconds and each loss part averaged over the last tenth of the steps."""
+    tail = parts_log[-max(1, len(parts_log) // 10) :]
+    return {
+        "steps": cfg.steps,
+        "scans": n_scans,
+        "seconds": round(seconds, 1),
+        **{
+            f"final_{k}": round(sum(p[k] for p in tail) / len(tail), 4)
+            for k in ("loss", *_LOSS_TERMS)
+        },
+    }
+
+
+def _heads_and_optimizer(model, params: list[nn.Parameter], cfg: VisionWarmupConfig):
+    """(fresh heads seeded by ``cfg.seed``, AdamW over vision side + heads, warm-up cosine)."""
     dim = int(model.config.text_config.hidden_size)
     torch.manual_seed(cfg.seed)
     heads = _Heads(dim)
@@ -231,82 +298,57 @@ def warm_up_vision(
             * (1 + math.cos(math.pi * s / cfg.steps))
         ),
     )
-    model.train()
-    ip = processor.image_processor
-    with torch.no_grad():
-        _, grid = feature_grid(
-            model, dict(ip(images=[Image.fromarray(scans[0].image)], return_tensors="pt"))
-        )
-    positions = token_quadrants(grid)  # the same grid every step
-    t0 = time.perf_counter()
-    order: list[int] = []
-    parts_log: list[dict[str, float]] = []
-    log = log_path.open("w") if log_path else None
-    try:
-        for step in range(cfg.steps):
-            if len(order) < cfg.batch_size:
-                perm = list(range(len(scans)))
-                rng.shuffle(perm)
-                order += perm
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            flips = torch.randint(0, 2, (len(idx), 2), generator=gen).tolist()
-            batch = [_targets(scans[i], grid, (fl[0], fl[1])) for i, fl in zip(idx, flips)]
-            inputs = dict(ip(images=[b[0] for b in batch], return_tensors="pt"))
-            feats, _ = feature_grid(model, inputs)
-            cov = torch.tensor(np.stack([b[1] for b in batch]), dtype=torch.float32)
-            pol = torch.tensor(np.stack([b[2] for b in batch]), dtype=torch.float32)
-            tok, mod, cnt, quad = heads(torch.stack(feats).float())
-            loss_pos = nn.functional.cross_entropy(quad.reshape(-1, 4), positions.repeat(len(idx)))
-            bce = nn.functional.binary_cross_entropy_with_logits
-            loss_cov = bce(tok[..., 0], cov)
-            w_pol = (cov > 0).float()
-            loss_pol = (bce(tok[..., 1], pol, reduction="none") * w_pol).sum() / w_pol.sum().clamp(
-                min=1
-            )
-            mod_y = torch.tensor([scans[i].modality for i in idx])
-            cnt_y = torch.tensor([min(scans[i].count, 2) for i in idx])
-            loss_mod = nn.functional.cross_entropy(mod, mod_y)
-            loss_cnt = nn.functional.cross_entropy(cnt, cnt_y)
-            loss = (
-                loss_cov
-                + cfg.polarity_weight * loss_pol
-                + cfg.modality_weight * loss_mod
-                + cfg.count_weight * loss_cnt
-                + cfg.position_weight * loss_pos
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([*params, *heads.parameters()], 1.0)
-            opt.step()
-            sched.step()
-            parts = {
-                "step": step + 1,
-                "loss": round(loss.item(), 5),
-                "coverage": round(loss_cov.item(), 5),
-                "polarity": round(loss_pol.item(), 5),
-                "modality": round(loss_mod.item(), 5),
-                "count": round(loss_cnt.item(), 5),
-                "position": round(loss_pos.item(), 5),
-            }
-            parts_log.append(parts)
-            if log:
-                log.write(json.dumps(parts) + "\n")
-    finally:
-        if log:
-            log.close()
-    tail = parts_log[-max(1, len(parts_log) // 10) :]
-    summary: dict[str, Any] = {
-        "steps": cfg.steps,
-        "scans": len(scans),
-        "seconds": round(time.perf_counter() - t0, 1),
-        **{
-            f"final_{k}": round(sum(p[k] for p in tail) / len(tail), 4)
-            for k in ("loss", "coverage", "polarity", "modality", "count", "position")
-        },
+    return heads, opt, sched
+
+
+def _next_indices(
+    order: list[int], n: int, batch_size: int, rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """The next batch of scan indices and the rest of the order; a fresh shuffled pass is
+    appended when fewer than a batch remain."""
+    if len(order) < batch_size:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        order = order + perm
+    return order[:batch_size], order[batch_size:]
+
+
+def _losses(
+    heads: _Heads,
+    feats: list[Tensor],
+    batch: list[tuple[Image.Image, np.ndarray, np.ndarray]],
+    scans: list[_Scan],
+    positions: Tensor,
+    cfg: VisionWarmupConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted total and each term (:data:`_LOSS_TERMS`) of one batch."""
+    cov = torch.tensor(np.stack([b[1] for b in batch]), dtype=torch.float32)
+    pol = torch.tensor(np.stack([b[2] for b in batch]), dtype=torch.float32)
+    tok, mod, cnt, quad = heads(torch.stack(feats).float())
+    loss_pos = nn.functional.cross_entropy(quad.reshape(-1, 4), positions.repeat(len(scans)))
+    bce = nn.functional.binary_cross_entropy_with_logits
+    loss_cov = bce(tok[..., 0], cov)
+    w_pol = (cov > 0).float()
+    loss_pol = (bce(tok[..., 1], pol, reduction="none") * w_pol).sum() / w_pol.sum().clamp(min=1)
+    mod_y = torch.tensor([s.modality for s in scans])
+    cnt_y = torch.tensor([min(s.count, 2) for s in scans])
+    loss_mod = nn.functional.cross_entropy(mod, mod_y)
+    loss_cnt = nn.functional.cross_entropy(cnt, cnt_y)
+    loss = (
+        loss_cov
+        + cfg.polarity_weight * loss_pol
+        + cfg.modality_weight * loss_mod
+        + cfg.count_weight * loss_cnt
+        + cfg.position_weight * loss_pos
+    )
+    terms = {
+        "coverage": loss_cov,
+        "polarity": loss_pol,
+        "modality": loss_mod,
+        "count": loss_cnt,
+        "position": loss_pos,
     }
-    if holdout:
-        summary.update(readout_quality(model, processor, heads, holdout, image_root))
-    return summary
+    return loss, terms
 
 
 @torch.no_grad()
