@@ -295,10 +295,14 @@ GOALS = (
      "paper-fire_mpo", "step_peak_extra_bytes", 0.3, False),
     ("FiRe-MPO step time, ours (artifact) / paper recipe", "ours-fire_mpo-artifact",
      "paper-fire_mpo", "step_s", 0.7, False),
+    ("FiRe-MPO step CPU time, ours (artifact) / paper recipe", "ours-fire_mpo-artifact",
+     "paper-fire_mpo", "step_cpu_s", 0.7, False),
     ("FiRe-MPO step peak memory, ours (reference in the step) / paper recipe",
      "ours-fire_mpo-inloop", "paper-fire_mpo", "step_peak_extra_bytes", 0.3, False),
     ("FiRe-MPO step time, ours (reference in the step) / paper recipe", "ours-fire_mpo-inloop",
      "paper-fire_mpo", "step_s", 0.7, False),
+    ("FiRe-MPO step CPU time, ours (reference in the step) / paper recipe",
+     "ours-fire_mpo-inloop", "paper-fire_mpo", "step_cpu_s", 0.7, False),
 )  # fmt: skip
 
 
@@ -309,7 +313,7 @@ def goal_rows(r: dict) -> list[tuple[str, str, str, str]]:
     for what, a, b, key, goal, higher in GOALS:
         label = f"real shape (V = {r.get('vocab', QWEN_VOCAB):,}): {what}"
         sign = ">=" if higher else "<="
-        if a not in v or b not in v or not v[b][key]:
+        if a not in v or b not in v or not v[b].get(key) or key not in v[a]:
             rows.append((label, "not measured", f"{sign} {goal:g}x", "not measured"))
             continue
         ratio = v[a][key] / v[b][key]
@@ -340,7 +344,9 @@ def render_section(r: dict, title: str) -> list[str]:
         f"32 / dropout 0.05 on the language model's linear layers, lm_head frozen, float32, "
         f"AdamW {LR:g}, {r['threads']} torch thread. Each run a fresh process, variants "
         f"alternated, medians of {r['repeats']} run(s); pairs/s over steps 2..N. Step peak = "
-        "peak RSS above the RSS after step 1; process peak = the whole process's peak RSS.",
+        "peak RSS above the RSS after step 1; process peak = the whole process's peak RSS; "
+        "step (CPU) = the process's user + system time per step (1 thread: the step's compute, "
+        "less sensitive than wall time to the other jobs on this shared machine).",
         "",
     ]
     rows = []
@@ -354,13 +360,24 @@ def render_section(r: dict, title: str) -> list[str]:
                 f"{x['pairs_per_s']:.3f}",
                 ", ".join(f"{p:.3f}" for p in x["pairs_per_s_runs"]),
                 f"{x['step_s']:.2f} s",
+                f"{x['step_cpu_s']:.2f} s" if "step_cpu_s" in x else "-",
                 f"{x['step_peak_extra_bytes'] / MIB:,.0f} MiB",
                 f"{x['peak_rss_bytes'] / MIB:,.0f} MiB",
                 f"{x['final_loss']:.4f}" if x.get("final_loss") is not None else "-",
             )
         )
     lines += _table(
-        ["variant", "pairs/s", "runs", "step", "step peak", "process peak", "final loss"], rows
+        [
+            "variant",
+            "pairs/s",
+            "runs",
+            "step (wall)",
+            "step (CPU)",
+            "step peak",
+            "process peak",
+            "final loss",
+        ],
+        rows,
     )
     ratios = []
     for a, b, what in (
@@ -376,6 +393,9 @@ def render_section(r: dict, title: str) -> list[str]:
                     what,
                     f"{v[a]['pairs_per_s'] / v[b]['pairs_per_s']:.2f}x",
                     f"{v[a]['step_s'] / v[b]['step_s']:.2f}x",
+                    f"{v[a]['step_cpu_s'] / v[b]['step_cpu_s']:.2f}x"
+                    if "step_cpu_s" in v[a] and "step_cpu_s" in v[b]
+                    else "-",
                     f"{v[a]['step_peak_extra_bytes'] / max(1, v[b]['step_peak_extra_bytes']):.3f}x",
                     f"{v[a]['peak_rss_bytes'] / v[b]['peak_rss_bytes']:.2f}x",
                 )
@@ -383,7 +403,15 @@ def render_section(r: dict, title: str) -> list[str]:
     if ratios:
         lines += ["", "Ratios (same run):", ""]
         lines += _table(
-            ["ratio", "pairs/s", "step time", "step peak memory", "process peak"], ratios
+            [
+                "ratio",
+                "pairs/s",
+                "step time (wall)",
+                "step time (CPU)",
+                "step peak memory",
+                "process peak",
+            ],
+            ratios,
         )
     for name, err in r.get("errors", {}).items():
         lines += ["", f"{name} failed: ```{err[-600:]}```"]
@@ -478,6 +506,7 @@ def driver(args: argparse.Namespace) -> dict:
             "pairs_per_s": median([r["pairs_per_s"] for r in rs]),
             "pairs_per_s_runs": [r["pairs_per_s"] for r in rs],
             "step_s": median([median(r["step_s"]) for r in rs]),
+            "step_cpu_s": median([median(r["step_cpu_s"]) for r in rs]),
             "step_peak_extra_bytes": median([r["step_peak_extra_bytes"] for r in rs]),
             "peak_rss_bytes": median([r["peak_rss_bytes"] for r in rs]),
             "final_loss": rs[-1].get("final_loss"),

@@ -44,7 +44,7 @@ LOSS_QUICK = ["--vocab", "151936", "--hidden", "128", "--seqs", "2", "--tokens",
 LOSS_QUICK += ["--repeats", "1", "--scaling", "32,64"]
 #: The real-shape trainer benchmark at make-bench size (`make bench-real`: the full size).
 REAL_ARGS = ["--hidden", "512", "--layers", "2", "--tokens", "64", "--batch", "4"]
-REAL_ARGS += ["--steps", "3", "--repeats", "1"]
+REAL_ARGS += ["--steps", "3", "--repeats", "2"]
 
 
 def commands(quick: bool, out_dir: Path) -> dict[str, list[str]]:

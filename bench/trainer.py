@@ -84,17 +84,21 @@ class _StepClock:
 
     def __init__(self) -> None:
         self.ends: list[float] = []
+        self.cpu: list[float] = []  # process CPU time (user + system) at each step end
         self.memory = PeakMemory()
 
     def tick(self) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu.append(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))
         if len(self.ends) == 1:
             self.memory.reset()
 
     def result(self, batch: int) -> dict:
         gaps = [b - a for a, b in zip(self.ends, self.ends[1:])]
+        cpu = [b - a for a, b in zip(self.cpu, self.cpu[1:])]
         return {
             "step_s": gaps,
+            "step_cpu_s": cpu,
             "pairs_per_s": batch * len(gaps) / sum(gaps) if gaps else 0.0,
             "step_peak_extra_bytes": self.memory.extra_bytes(),
             "peak_rss_bytes": maxrss_bytes(),

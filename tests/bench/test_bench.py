@@ -250,5 +250,5 @@ def test_real_shape_goal_rows_and_section_are_hand_derived():
     assert rows[missing] == ("not measured", "<= 0.7x", "not measured")
     text = render(results, _meta())
     assert "## 5. Real shape: trainers at V = 151,936" in text
-    assert "| trl-dpo | 0.500 | 0.500 | 8.00 s | 1,000 MiB | 2,000 MiB | 0.6900 |" in text
-    assert "| ours DPO (artifact) / TRL DPO | 4.00x | 0.25x | 0.300x | 0.60x |" in text
+    assert "| trl-dpo | 0.500 | 0.500 | 8.00 s | - | 1,000 MiB | 2,000 MiB | 0.6900 |" in text
+    assert "| ours DPO (artifact) / TRL DPO | 4.00x | 0.25x | - | 0.300x | 0.60x |" in text
