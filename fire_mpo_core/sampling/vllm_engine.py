@@ -73,7 +73,7 @@ def build_vllm_inputs(
     processor, questions: Sequence[str], images: Sequence[Image.Image]
 ) -> list[dict[str, Any]]:
     """vLLM prompt dicts for B (question, image) pairs, for every family of
-    :mod:`fire_mpo_core.models.families` (tests/test_families.py).
+    :mod:`fire_mpo_core.models.families` (tests/core/test_families.py).
 
     The prompt is :func:`fire_mpo_core.models.build_prompts` (the chat template with one image
     placeholder and the generation prompt). vLLM tokenizes a text prompt with the tokenizer's
