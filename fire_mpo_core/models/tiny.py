@@ -351,13 +351,9 @@ def _llava(cfg: ModelConfig, tokenizer, image_size: int) -> tuple[PreTrainedMode
 def _qwen2_vl(
     cfg: ModelConfig, tokenizer, image_size: int
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    merge = 2
-    if image_size % (cfg.patch_size * merge):
-        raise ValueError(
-            f"image_size {image_size} must be a multiple of patch_size * 2 = {cfg.patch_size * 2}"
-        )
-    head_dim = cfg.hidden_size // cfg.num_heads
-    ids = tokenizer.convert_tokens_to_ids
+    # Every image is resized to image_size x image_size (min = max pixels), then cut into
+    # patch_size patches merged 2x2: (image_size / patch_size / 2)^2 tokens per image.
+    image_processor = _qwen_image_processor(cfg, image_size)
     vision = {
         "depth": cfg.vision_layers,
         "embed_dim": cfg.vision_hidden_size,
@@ -365,52 +361,19 @@ def _qwen2_vl(
         "num_heads": _vision_heads(cfg.vision_hidden_size),
         "mlp_ratio": 4,
         "patch_size": cfg.patch_size,
-        "spatial_merge_size": merge,
+        "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": 4 * cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_heads,
-        "max_position_embeddings": 4096,
-        # A low base: with ~10 M-RoPE frequencies per axis and positions < 200, theta 1e6 would
-        # leave most of them nearly constant; 100 makes every frequency rotate over a sequence.
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 100.0,
-            "mrope_section": mrope_sections(head_dim),
-        },
-        "use_sliding_window": False,
-        "bos_token_id": None,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    config = Qwen2VLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+    text = _qwen_text(cfg, tokenizer, use_sliding_window=False)
+    return _qwen_model(
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+        vision,
+        text,
+        tokenizer,
+        image_processor,
     )
-    model = Qwen2VLForConditionalGeneration(config)
-    # Every image is resized to image_size x image_size (min = max pixels), then cut into
-    # patch_size patches merged 2x2: (image_size / patch_size / 2)^2 tokens per image.
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=cfg.patch_size,
-        merge_size=merge,
-        temporal_patch_size=2,
-        size={"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size},
-    )
-    processor_cls = image_only_processor_class(Qwen2VLProcessor)
-    processor = processor_cls(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
-    )
-    return model, processor
 
 
 def _llava_mistral(
@@ -441,7 +404,8 @@ def _qwen_text(cfg: ModelConfig, tokenizer, **extra) -> dict:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_heads,
         "max_position_embeddings": 4096,
-        # A low base, as in `_qwen2_vl`: every M-RoPE frequency rotates over a short sequence.
+        # A low base: with ~10 M-RoPE frequencies per axis and positions < 200, theta 1e6 would
+        # leave most of them nearly constant; 100 makes every frequency rotate over a sequence.
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 100.0,
@@ -478,6 +442,21 @@ def _qwen_token_ids(tokenizer) -> dict[str, int]:
     }
 
 
+def _qwen_model(
+    config_cls, model_cls, processor_cls, vision: dict, text: dict, tokenizer, image_processor
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The Qwen-VL families' common build: their special tokens, untied lm_head, the Qwen2-VL
+    chat template, and a processor without the video side."""
+    config = config_cls(
+        vision_config=vision, text_config=text, tie_word_embeddings=False,
+        **_qwen_token_ids(tokenizer),
+    )  # fmt: skip
+    processor = image_only_processor_class(processor_cls)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
+    )
+    return model_cls(config), processor
+
+
 def _qwen2_5_vl(
     cfg: ModelConfig, tokenizer, image_size: int
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -497,15 +476,15 @@ def _qwen2_5_vl(
         "fullatt_block_indexes": [cfg.vision_layers - 1],
     }
     text = _qwen_text(cfg, tokenizer, use_sliding_window=False)
-    config = Qwen2_5_VLConfig(
-        vision_config=vision, text_config=text, tie_word_embeddings=False,
-        **_qwen_token_ids(tokenizer),
-    )  # fmt: skip
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    processor = image_only_processor_class(Qwen2_5_VLProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
+    return _qwen_model(
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        vision,
+        text,
+        tokenizer,
+        image_processor,
     )
-    return model, processor
 
 
 def _qwen3_vl(
@@ -532,15 +511,15 @@ def _qwen3_vl(
         cfg, tokenizer, head_dim=cfg.hidden_size // cfg.num_heads,
         rope_extra={"mrope_interleaved": True},
     )  # fmt: skip
-    config = Qwen3VLConfig(
-        vision_config=vision, text_config=text, tie_word_embeddings=False,
-        **_qwen_token_ids(tokenizer),
-    )  # fmt: skip
-    model = Qwen3VLForConditionalGeneration(config)
-    processor = image_only_processor_class(Qwen3VLProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
+    return _qwen_model(
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        vision,
+        text,
+        tokenizer,
+        image_processor,
     )
-    return model, processor
 
 
 def _pooled_grid(cfg: ModelConfig, image_size: int, factor: int = 2) -> int:
