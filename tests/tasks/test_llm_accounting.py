@@ -116,7 +116,7 @@ def test_judge_table_counts_retries_tokens_and_cost(store, monkeypatch):
     assert rows["llm_requests"] == 4 and rows["llm_cost_usd"] == 0.00036
 
 
-def test_resumed_judge_counts_its_journal_hits(store):
+def test_resumed_judge_counts_its_journal_hits(store, monkeypatch):
     ids = [*GOOD, "rec-00", "rec-01", "rec-02", "rec-03"]
     inputs = _judge_inputs(store, ids)
     with FakeOpenAI(lifetime_s=60) as fake:
@@ -132,7 +132,14 @@ def test_resumed_judge_counts_its_journal_hits(store):
     assert counts["llm_cache_hits"] == 2
     assert counts["llm_requests"] == 4 and counts["llm_retries"] == 0
     assert (counts["llm_prompt_tokens"], counts["llm_completion_tokens"]) == (360, 40)
-    assert counts["llm_cost_usd"] is None  # no prices configured: not estimated
+    assert counts["llm_cost_usd"] is None  # no prices configured: not estimated ...
+    tables: list[list[dict]] = []
+    monkeypatch.setattr(
+        tasks.common, "create_table_artifact", lambda rows, **k: tables.append(rows)
+    )
+    call = StageCall(store=store.root, run="r", round=1, stage="judge", config={}, inputs={})
+    tasks.common.publish_summary(call, res)
+    assert {"metric": "llm_cost_usd", "value": "n/a"} in tables[0]  # ... and shown as such
 
 
 def test_a_price_change_reruns_nothing(store):
