@@ -87,6 +87,18 @@ def _judge_inputs(store: ArtifactStore, ids: list[str]) -> dict:
     return {"prepare": prep, "sample": sample}
 
 
+def _table(store: ArtifactStore, res: StageResult, monkeypatch) -> dict:
+    """The dashboard's stage table of ``res`` as metric -> value (the rows the task publishes
+    with Prefect's create_table_artifact, captured here instead of sent to an API)."""
+    tables: list[list[dict]] = []
+    monkeypatch.setattr(
+        tasks.common, "create_table_artifact", lambda rows, **k: tables.append(rows)
+    )
+    call = StageCall(store=store.root, run="r", round=1, stage="judge", config={}, inputs={})
+    tasks.common.publish_summary(call, res)
+    return {r["metric"]: r["value"] for r in tables[0]}
+
+
 def _judge(store, inputs, endpoint: dict, **kw) -> StageResult:
     config = {"judge": {"name": "llm", "llm": {"endpoint": endpoint}}}
     return _run(store, "judge", config, inputs, judge_task.body, **kw)
@@ -106,13 +118,7 @@ def test_judge_table_counts_retries_tokens_and_cost(store, monkeypatch):
     assert counts["llm_cache_hits"] == 0
     assert counts["llm_cost_usd"] == 0.00036  # (200 * 1.0 + 40 * 4.0) / 1e6
     # ... and the dashboard's stage table shows them.
-    tables: list[list[dict]] = []
-    monkeypatch.setattr(
-        tasks.common, "create_table_artifact", lambda rows, **k: tables.append(rows)
-    )
-    call = StageCall(store=store.root, run="r", round=1, stage="judge", config={}, inputs={})
-    tasks.common.publish_summary(call, res)
-    rows = {r["metric"]: r["value"] for r in tables[0]}
+    rows = _table(store, res, monkeypatch)
     assert rows["llm_requests"] == 4 and rows["llm_cost_usd"] == 0.00036
 
 
@@ -133,13 +139,7 @@ def test_resumed_judge_counts_its_journal_hits(store, monkeypatch):
     assert counts["llm_requests"] == 4 and counts["llm_retries"] == 0
     assert (counts["llm_prompt_tokens"], counts["llm_completion_tokens"]) == (360, 40)
     assert counts["llm_cost_usd"] is None  # no prices configured: not estimated ...
-    tables: list[list[dict]] = []
-    monkeypatch.setattr(
-        tasks.common, "create_table_artifact", lambda rows, **k: tables.append(rows)
-    )
-    call = StageCall(store=store.root, run="r", round=1, stage="judge", config={}, inputs={})
-    tasks.common.publish_summary(call, res)
-    assert {"metric": "llm_cost_usd", "value": "n/a"} in tables[0]  # ... and shown as such
+    assert _table(store, res, monkeypatch)["llm_cost_usd"] == "n/a"  # ... and shown as such
 
 
 def test_a_price_change_reruns_nothing(store):
