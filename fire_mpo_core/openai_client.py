@@ -41,7 +41,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import openai
@@ -59,6 +59,7 @@ __all__ = [
     "backoff_delay",
     "estimate_cost",
     "parse_retry_after",
+    "usage_counts",
     "with_retries",
 ]
 
@@ -225,6 +226,17 @@ def estimate_cost(usage: LLMUsage, cfg: OpenAIEndpointConfig) -> float | None:
     if p_in is None or p_out is None:
         return None
     return round((usage.prompt_tokens * p_in + usage.completion_tokens * p_out) / 1e6, 6)
+
+
+def usage_counts(parts: Iterable[tuple[LLMUsage, OpenAIEndpointConfig]]) -> dict[str, Any]:
+    """The ``llm_*`` stage-table rows of one or more endpoints' usage: the sums, and the sum of
+    their costs (None unless every endpoint has prices)."""
+    total, cost = LLMUsage(), 0.0
+    for usage, cfg in parts:
+        total += usage
+        each = estimate_cost(usage, cfg)
+        cost = None if each is None or cost is None else cost + each
+    return total.as_counts(None if cost is None else round(cost, 6))
 
 
 # --------------------------------------------------------------------------- retry policy

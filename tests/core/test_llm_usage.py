@@ -21,6 +21,7 @@ from fire_mpo_core.openai_client import (
     OpenAIEndpointConfig,
     RetryableError,
     estimate_cost,
+    usage_counts,
 )
 from fire_mpo_core.sampling.stage import SampleCounts
 from fire_mpo_core.store import UNKEYED_FIELDS, stage_key
@@ -150,3 +151,15 @@ def test_offline_stage_tables_have_no_llm_rows_and_endpoint_ones_do():
     assert not [k for k in sample.as_counts() if k.startswith("llm_")]
     with_endpoint = sample.model_copy(update={"llm": LLMUsage(prompt_tokens=9)}).as_counts()
     assert with_endpoint["llm_prompt_tokens"] == 9 and with_endpoint["llm_cost_usd"] is None
+
+
+def test_usage_of_several_endpoints_sums_and_prices_only_when_all_are_priced():
+    priced = OpenAIEndpointConfig(
+        price_per_million_input_tokens=1.0, price_per_million_output_tokens=2.0
+    )
+    a = LLMUsage(requests=2, prompt_tokens=100, completion_tokens=10)
+    b = LLMUsage(requests=1, retries=1, prompt_tokens=50, completion_tokens=5)
+    both = usage_counts([(a, priced), (b, priced)])
+    assert (both["llm_requests"], both["llm_retries"], both["llm_prompt_tokens"]) == (3, 1, 150)
+    assert both["llm_cost_usd"] == 0.00018  # (150 * 1.0 + 15 * 2.0) / 1e6
+    assert usage_counts([(a, priced), (b, OpenAIEndpointConfig())])["llm_cost_usd"] is None
