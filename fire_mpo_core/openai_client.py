@@ -15,6 +15,15 @@ URLs, a concurrency bound, and the single retry loop (exponential backoff with j
 
     text = client.complete([{"role": "user", "content": "hi"}], validate=check, temperature=0)
 
+Every client keeps a :class:`UsageLedger` (``client.usage``): requests sent, failed, retried,
+rate-limited, seconds waited before retries, and the prompt / completion tokens each reply's
+``usage`` reports (replies a validator refused were billed too, so they count).
+:func:`estimate_cost` prices a snapshot with the endpoint's optional prices (None without
+them: a cost is never made up)::
+
+    used = client.usage.snapshot()              # LLMUsage(requests=3, retries=2, ...)
+    estimate_cost(used, client.cfg)             # USD, or None when no prices are configured
+
 A call that still fails after ``max_retries`` retries raises :class:`ChatFailure`, whose
 ``reason`` (like every message this module builds) has the API key redacted; callers turn it into
 a per-record reject, never a crash of the stage. The key itself lives only in the environment
@@ -32,20 +41,25 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import openai
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "PRICE_FIELDS",
     "ChatClient",
     "ChatFailure",
+    "LLMUsage",
     "OpenAIEndpointConfig",
     "PermanentError",
     "RetryableError",
+    "UsageLedger",
     "backoff_delay",
+    "estimate_cost",
     "parse_retry_after",
+    "usage_counts",
     "with_retries",
 ]
 
@@ -56,6 +70,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RETRY_STATUS = {408, 409, 429}
 # Secrets shorter than this are not redacted (replacing "ab" everywhere would garble messages).
 _MIN_SECRET_LEN = 4
+#: The endpoint's price fields: they price results, they do not change them, so the store leaves
+#: them out of stage keys (``fire_mpo_core.store.UNKEYED_FIELDS``; tested to agree).
+PRICE_FIELDS = ("price_per_million_input_tokens", "price_per_million_output_tokens")
 
 
 class OpenAIEndpointConfig(BaseModel):
@@ -92,6 +109,18 @@ class OpenAIEndpointConfig(BaseModel):
     backoff_max_s: float = Field(
         default=30.0, gt=0, description="Cap on any retry delay, Retry-After included."
     )
+    price_per_million_input_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="USD per million prompt tokens, for the estimated cost in the stage table "
+        "(None: cost not estimated). Not part of the stage key: a price change re-runs nothing.",
+    )
+    price_per_million_output_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="USD per million completion tokens; set together with "
+        "price_per_million_input_tokens (None: cost not estimated). Not part of the stage key.",
+    )
 
     @field_validator("base_urls")
     @classmethod
@@ -111,12 +140,103 @@ class OpenAIEndpointConfig(BaseModel):
                 "api_key_env must be the NAME of an environment variable (letters, digits, _), "
                 "not the key itself"
             )
+        prices = (self.price_per_million_input_tokens, self.price_per_million_output_tokens)
+        if (prices[0] is None) != (prices[1] is None):
+            raise ValueError(
+                "set both price_per_million_input_tokens and price_per_million_output_tokens "
+                "(or neither: cost not estimated)"
+            )
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError(
                 f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_base_s "
                 f"({self.backoff_base_s})"
             )
         return self
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+class LLMUsage(BaseModel):
+    """What an endpoint was asked and answered: a snapshot of a :class:`UsageLedger`. Snapshots
+    add up (``a + b``), e.g. over the shards of a stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: int = Field(default=0, description="HTTP requests sent (every attempt).")
+    failed_requests: int = Field(
+        default=0, description="Attempts that failed: transport, HTTP error, or a refused reply."
+    )
+    retries: int = Field(default=0, description="Attempts after the first of a call.")
+    rate_limited: int = Field(default=0, description="Replies with HTTP 429.")
+    wait_s: float = Field(
+        default=0.0, description="Seconds slept before retries (backoff, Retry-After included)."
+    )
+    prompt_tokens: int = Field(default=0, description="Prompt tokens the replies reported.")
+    completion_tokens: int = Field(default=0, description="Completion tokens the replies reported.")
+    unmetered_replies: int = Field(
+        default=0, description="Replies without a `usage` object: their tokens are not counted."
+    )
+
+    def __add__(self, other: LLMUsage) -> LLMUsage:
+        return LLMUsage(**{k: getattr(self, k) + getattr(other, k) for k in LLMUsage.model_fields})
+
+    def as_counts(self, cost_usd: float | None) -> dict[str, int | float | None]:
+        """The stage-table rows (``llm_*``); ``cost_usd`` from :func:`estimate_cost`."""
+        rows: dict[str, int | float | None] = {
+            f"llm_{k}": v for k, v in self.model_dump().items() if k != "unmetered_replies"
+        }
+        rows["llm_wait_s"] = round(self.wait_s, 3)
+        if self.unmetered_replies:  # only then: a lower bound on tokens and cost
+            rows["llm_unmetered_replies"] = self.unmetered_replies
+        rows["llm_cost_usd"] = cost_usd
+        return rows
+
+
+class UsageLedger:
+    """A thread-safe running :class:`LLMUsage` (a client's requests run on many threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._totals = dict.fromkeys(LLMUsage.model_fields, 0)
+
+    def add(self, **delta: float) -> None:
+        with self._lock:
+            for k, v in delta.items():
+                self._totals[k] += v
+
+    def record_reply(self, usage: Any) -> None:
+        """Count one reply's ``usage`` (an OpenAI ``CompletionUsage``, or None if absent)."""
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        if prompt is None or completion is None:
+            self.add(unmetered_replies=1)
+        else:
+            self.add(prompt_tokens=prompt, completion_tokens=completion)
+
+    def snapshot(self) -> LLMUsage:
+        with self._lock:
+            return LLMUsage(**self._totals)
+
+
+def estimate_cost(usage: LLMUsage, cfg: OpenAIEndpointConfig) -> float | None:
+    """USD for the tokens of ``usage`` at the endpoint's prices (per million tokens), rounded to
+    1e-6; None when the endpoint has no prices."""
+    p_in, p_out = cfg.price_per_million_input_tokens, cfg.price_per_million_output_tokens
+    if p_in is None or p_out is None:
+        return None
+    return round((usage.prompt_tokens * p_in + usage.completion_tokens * p_out) / 1e6, 6)
+
+
+def usage_counts(parts: Iterable[tuple[LLMUsage, OpenAIEndpointConfig]]) -> dict[str, Any]:
+    """The ``llm_*`` stage-table rows of one or more endpoints' usage: the sums, and the sum of
+    their costs (None unless every endpoint has prices)."""
+    total, cost = LLMUsage(), 0.0
+    for usage, cfg in parts:
+        total += usage
+        each = estimate_cost(usage, cfg)
+        cost = None if each is None or cost is None else cost + each
+    return total.as_counts(None if cost is None else round(cost, 6))
 
 
 # --------------------------------------------------------------------------- retry policy
@@ -267,10 +387,16 @@ class ChatClient:
 
     Thread-safe: call :meth:`complete` from many threads; at most ``max_concurrency`` requests
     are in flight at once across all of them, and attempts rotate over ``base_urls``, so a retry
-    usually lands on another endpoint.
+    usually lands on another endpoint. ``usage`` (a :class:`UsageLedger`, shared if passed in)
+    counts every attempt and the tokens of every reply.
     """
 
-    def __init__(self, cfg: OpenAIEndpointConfig, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        cfg: OpenAIEndpointConfig,
+        sleep: Callable[[float], None] = time.sleep,
+        usage: UsageLedger | None = None,
+    ):
         if not cfg.base_urls or not cfg.model:
             raise ValueError("an OpenAI endpoint needs base_urls and model")
         self.cfg = cfg
@@ -287,6 +413,7 @@ class ChatClient:
         self._slots = threading.BoundedSemaphore(cfg.max_concurrency)
         self._sleep = sleep
         self._rng = random.Random()
+        self.usage = usage if usage is not None else UsageLedger()
 
     def __repr__(self) -> str:  # never the key
         return f"ChatClient(model={self.cfg.model!r}, base_urls={self.cfg.base_urls!r})"
@@ -304,6 +431,7 @@ class ChatClient:
 
     def _request(self, messages: list[dict[str, Any]], params: dict[str, Any]):
         url, client = self._pick()
+        self.usage.add(requests=1)
         try:
             with self._slots:
                 out = client.chat.completions.create(
@@ -316,6 +444,8 @@ class ChatClient:
             raise RetryableError(f"{url}: connection error: {type(cause).__name__}") from None
         except openai.APIStatusError as e:
             reason = f"{url}: HTTP {e.status_code}: {_short(e.message)}"
+            if e.status_code == 429:
+                self.usage.add(rate_limited=1)
             if e.status_code in _RETRY_STATUS or e.status_code >= 500:
                 raise RetryableError(reason, parse_retry_after(e.response.headers)) from None
             raise PermanentError(reason) from None
@@ -324,6 +454,8 @@ class ChatClient:
         # A body that is not JSON can come back as a plain string instead of raising.
         if not hasattr(out, "choices") or not isinstance(out.choices, list):
             raise RetryableError(f"{url}: malformed response: not a chat completion")
+        # Counted before the caller's validator: a reply it refuses was billed all the same.
+        self.usage.record_reply(getattr(out, "usage", None))
         return out
 
     def complete(
@@ -347,8 +479,18 @@ class ChatClient:
         """
         check = validate or (lambda c: c)
 
-        def attempt(_: int) -> T:
-            return check(self._request(messages, params))
+        def attempt(i: int) -> T:
+            if i:
+                self.usage.add(retries=1)
+            try:
+                return check(self._request(messages, params))
+            except (RetryableError, PermanentError):
+                self.usage.add(failed_requests=1)
+                raise
+
+        def wait(seconds: float) -> None:
+            self.usage.add(wait_s=seconds)
+            self._sleep(seconds)
 
         return with_retries(
             attempt,
@@ -356,7 +498,7 @@ class ChatClient:
             self.cfg.backoff_base_s,
             self.cfg.backoff_max_s,
             redact=self.redact,
-            sleep=self._sleep,
+            sleep=wait,
             rng=self._rng,
         )
 

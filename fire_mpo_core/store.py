@@ -131,10 +131,25 @@ def digest_files(root: Path, exclude: Iterable[str] = (MANIFEST,)) -> str:
     return h.hexdigest()
 
 
+#: Config fields that price or describe a stage's results without changing them (an endpoint's
+#: token prices: fire_mpo_core.openai_client.PRICE_FIELDS). They stay out of the key, at any
+#: depth of the config: a new price must not re-run a judge. The manifest still records them.
+UNKEYED_FIELDS = frozenset({"price_per_million_input_tokens", "price_per_million_output_tokens"})
+
+
+def _keyed(config: Any) -> Any:
+    if isinstance(config, dict):
+        return {k: _keyed(v) for k, v in config.items() if k not in UNKEYED_FIELDS}
+    if isinstance(config, list | tuple):
+        return [_keyed(v) for v in config]
+    return config
+
+
 def stage_key(stage: str, config: Any, inputs: dict[str, Path], code: str) -> str:
-    """Content key of a stage output: hash of its config, its inputs' content digests and code."""
+    """Content key of a stage output: hash of its config (less :data:`UNKEYED_FIELDS`), its
+    inputs' content digests and code."""
     input_digests = {name: read_manifest(p)["content_digest"] for name, p in sorted(inputs.items())}
-    payload = {"stage": stage, "config": config, "inputs": input_digests, "code": code}
+    payload = {"stage": stage, "config": _keyed(config), "inputs": input_digests, "code": code}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LEN]
 
 

@@ -207,7 +207,8 @@ def publish_summary(call: StageCall, res: StageResult) -> None:
     m = res.manifest
     # A body's own "seconds" (e.g. SFT's training time) would repeat the stage's row below.
     counts = {k: v for k, v in m.get("counts", {}).items() if k != "seconds"}
-    rows = [{"metric": k, "value": v} for k, v in sorted(counts.items())]
+    # None is a count that was not measured (e.g. llm_cost_usd without prices): say so.
+    rows = [{"metric": k, "value": "n/a" if v is None else v} for k, v in sorted(counts.items())]
     rows += [
         {"metric": f"rejects: {reason}", "value": n}
         for reason, n in rejects_by_reason(res.path / REJECTS).most_common(10)

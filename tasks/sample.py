@@ -4,60 +4,24 @@ Inputs `prepare` (dataset) and `policy` (the SFT base in round 1, round k-1's `t
 Output `data.jsonl` of `Rollout` rows, written record by record into a resumable partial
 folder: a crashed or retried run continues where it stopped instead of resampling. With
 `engine: vllm_server` the stage starts the round's vLLM server (or attaches to one) and always
-stops it; a server that dies mid-stage fails the attempt, and the task's retries resume.
+stops it; a server that dies mid-stage fails the attempt, and the task's retries resume. An
+endpoint engine's requests, retries, tokens and estimated cost are in the counts (``llm_*``).
+The work is :func:`fire_mpo_core.sampling.stage.run_sample`; this task resolves, calls, returns.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
-from fire_mpo_core.data.io import load_records
-from fire_mpo_core.policy import read_policy
-from fire_mpo_core.sampling import SampleConfig, items_from_records, make_engine, sample_to_file
-from fire_mpo_core.store import DATA, StageWriter, read_manifest
+from fire_mpo_core.sampling import SampleConfig
+from fire_mpo_core.sampling.stage import SampleInputs, run_sample
+from fire_mpo_core.store import StageWriter
 from tasks.common import Progress, StageCall, stage_task
-
-SERVER_LOG = "vllm_server.log"
 
 
 def body(call: StageCall, w: StageWriter) -> dict:
     cfg = SampleConfig.model_validate(call.config["sample"])
-    root = call.inputs["prepare"]
-    records = load_records(root, splits=(cfg.split,), on_reject=w.reject)
-    if cfg.max_records:
-        records = records[: cfg.max_records]
-    policy_dir = call.inputs["policy"]
-    log_path = None
-    if cfg.engine == "vllm_server":
-        # The managed server's output: in the working folder while the stage runs (kept there
-        # when it fails, for a look), removed before the manifest when it succeeds.
-        log_path = w.path / SERVER_LOG
-        w.scratch.append(log_path)
-    engine = make_engine(
-        cfg,
-        read_policy(policy_dir) if cfg.engine != "openai" else None,
-        model_key=read_manifest(policy_dir)["key"],
-        log_path=log_path,
-    )
-    try:
-        stats = sample_to_file(
-            engine,
-            items_from_records(records, root),
-            w.path / DATA,
-            on_reject=w.reject,
-            on_progress=Progress(f"sample, round {call.round}: records"),
-        )
-    finally:
-        # A vllm_server engine holds a server process group: stopped on success, failure and
-        # Ctrl-C alike.
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
-    out = {"records_in": len(records), **asdict(stats)}
-    info = getattr(engine, "info", None)
-    if info:
-        out["server"] = {k: v for k, v in info.items() if k != "url"}
-    return out
+    inputs = SampleInputs(prepare=call.inputs["prepare"], policy=call.inputs["policy"])
+    progress = Progress(f"sample, round {call.round}: records")
+    return run_sample(inputs, cfg, w.path, w.reject, w.scratch, progress).as_counts()
 
 
 sample = stage_task(

@@ -10,7 +10,8 @@ port), stdlib ``http.server`` in a background thread, scriptable per test::
 
 Each POST /v1/chat/completions takes the next scripted behaviour (or ``default`` once the script
 is used up; ``default`` may also be a function of the request body returning a behaviour, to
-route by request): ``ok`` (content, a list of choice contents, or a function of the request body),
+route by request): ``ok`` (content, a list of choice contents, or a function of the request body;
+the reply's ``usage`` reports ``tokens=(prompt, completion)``, or is left out with ``usage=False``),
 ``rate_limited`` (429 + Retry-After), ``server_error`` (any status), ``hang`` (sleep, e.g. past
 the client timeout, then answer), ``drop`` (close the connection without a response),
 ``malformed`` (200 with a body that is not JSON). Received requests are recorded with their
@@ -70,11 +71,20 @@ class Behaviour:
     retry_after: str | None = None
     delay_s: float = 0.0
     message: str | None = None
+    tokens: tuple[int, int] | None = None  # (prompt, completion) reported in `usage`
+    usage: bool = True  # False: no `usage` object, as some servers reply
 
 
-def ok(content: Content = "ok", delay_s: float = 0.0) -> Behaviour:
-    """200 with ``content`` as every choice (a list: one choice each, possibly fewer than n)."""
-    return Behaviour("ok", content=content, delay_s=delay_s)
+def ok(
+    content: Content = "ok",
+    delay_s: float = 0.0,
+    tokens: tuple[int, int] | None = None,
+    usage: bool = True,
+) -> Behaviour:
+    """200 with ``content`` as every choice (a list: one choice each, possibly fewer than n).
+    The reply's ``usage`` reports ``tokens`` = (prompt, completion) if given, else 10 prompt
+    tokens and one completion token per word of all choices; ``usage=False`` leaves it out."""
+    return Behaviour("ok", content=content, delay_s=delay_s, tokens=tokens, usage=usage)
 
 
 def rate_limited(retry_after: float | str = 0.05) -> Behaviour:
@@ -289,7 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(b.status, json.dumps(err).encode(), headers)
             return
         texts = _choices(b.content if b.content is not None else "ok", body)
-        reply = {
+        prompt, completion = b.tokens or (10, sum(len(t.split()) for t in texts))
+        reply: dict[str, Any] = {
             "id": f"chatcmpl-{len(self.server.state.requests)}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -303,12 +314,13 @@ class _Handler(BaseHTTPRequestHandler):
                 }
                 for i, t in enumerate(texts)
             ],
-            "usage": {
-                "prompt_tokens": 10,
-                "completion_tokens": sum(len(t.split()) for t in texts),
-                "total_tokens": 10 + sum(len(t.split()) for t in texts),
-            },
         }
+        if b.usage:  # the real protocol's usage object (CompletionUsage)
+            reply["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
         self._send(200, json.dumps(reply).encode())
 
 

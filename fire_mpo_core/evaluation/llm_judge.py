@@ -17,7 +17,8 @@ GREEN-style report score. Both are off by default (``EvaluateConfig.llm_judge`` 
 
 Replies that are not the asked JSON are retried (:class:`RetryableError`); a record whose
 request still fails is reported through ``on_reject(id, reason)`` and left out of the mean,
-never a crash. Requests run concurrently up to the endpoint's ``max_concurrency``.
+never a crash. Requests run concurrently up to the endpoint's ``max_concurrency``. Pass a
+:class:`~fire_mpo_core.openai_client.UsageLedger` as ``usage`` to count requests and tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fire_mpo_core.openai_client import (
     ChatFailure,
     OpenAIEndpointConfig,
     RetryableError,
+    UsageLedger,
 )
 
 OPEN_SYSTEM = (
@@ -132,9 +134,10 @@ def _run(
     validate: Callable[[Any], Any],
     on_reject: Callable[[str, str], None] | None,
     client: ChatClient | None,
+    usage: UsageLedger | None = None,
 ) -> dict[str, Any]:
     own = client is None
-    client = client or ChatClient(cfg)
+    client = client or ChatClient(cfg, usage=usage)
     out: dict[str, Any] = {}
 
     def one(it: Any) -> None:
@@ -160,6 +163,7 @@ def judge_open_answers(
     items: Sequence[OpenItem],
     on_reject: Callable[[str, str], None] | None = None,
     client: ChatClient | None = None,
+    usage: UsageLedger | None = None,
 ) -> dict[str, bool]:
     """Record id -> judged correct, for every item whose request succeeded."""
 
@@ -170,7 +174,7 @@ def judge_open_answers(
         )
         return [{"role": "system", "content": OPEN_SYSTEM}, {"role": "user", "content": user}]
 
-    return _run(cfg, items, messages, _open_verdict, on_reject, client)
+    return _run(cfg, items, messages, _open_verdict, on_reject, client, usage)
 
 
 def green_scores(
@@ -178,6 +182,7 @@ def green_scores(
     items: Sequence[ReportItem],
     on_reject: Callable[[str, str], None] | None = None,
     client: ChatClient | None = None,
+    usage: UsageLedger | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Record id -> ``{"green", "matched_findings", "significant_errors"}`` per report."""
 
@@ -185,4 +190,4 @@ def green_scores(
         user = f"Reference report:\n{it.reference}\n\nCandidate report:\n{it.prediction}"
         return [{"role": "system", "content": GREEN_SYSTEM}, {"role": "user", "content": user}]
 
-    return _run(cfg, items, messages, _green, on_reject, client)
+    return _run(cfg, items, messages, _green, on_reject, client, usage)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ from fire_mpo_core.evaluation.metrics import closed_correct, exact_match, token_
 from fire_mpo_core.evaluation.report_metrics import report_metrics
 from fire_mpo_core.evaluation.stats import rate_with_ci
 from fire_mpo_core.models import generate, load_model, load_processor
+from fire_mpo_core.openai_client import (
+    LLMUsage,
+    OpenAIEndpointConfig,
+    UsageLedger,
+    usage_counts,
+)
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.store import write_jsonl
 
@@ -89,10 +96,14 @@ def evaluate_policy(
     out_dir: Path,
     dtype: str = "float32",
     on_reject=None,
+    on_usage: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Generate an answer per record of ``cfg.split``, score it, and write ``data.jsonl``
     (per record), ``metrics.json`` and, with grounding on, ``grounding.jsonl`` into
-    ``out_dir``. Returns the metrics plus ``samples_per_second`` (kept out of metrics.json)."""
+    ``out_dir``. Returns the metrics plus ``samples_per_second`` (kept out of metrics.json).
+    With an LLM judge or GREEN endpoint configured, ``on_usage`` gets their ``llm_*`` counts
+    (requests, tokens, cost: :func:`fire_mpo_core.openai_client.usage_counts`), which are
+    results of the run, not metrics."""
     records, images = _readable_records(data_root, cfg, on_reject)
     model, processor = load_policy(policy, dtype)
     t0 = time.perf_counter()
@@ -111,7 +122,7 @@ def evaluate_policy(
     rep = report_metrics([p for _, p in reports], [r.answer for r, _ in reports])
     for k in REPORT_KEYS:
         metrics[k] = round(rep[k], 4) if k in rep else None
-    metrics |= _llm_judged(cfg, records, rows, reports, on_reject)
+    metrics |= _llm_judged(cfg, records, rows, reports, on_reject, on_usage)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.grounding:
         predictions = {row["id"]: row["prediction"] for row in rows}
@@ -197,17 +208,22 @@ def answer_metrics(records: list, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return metrics
 
 
-def _llm_judged(cfg: EvaluateConfig, records, rows, reports, on_reject) -> dict[str, Any]:
+def _llm_judged(
+    cfg: EvaluateConfig, records, rows, reports, on_reject, on_usage=None
+) -> dict[str, Any]:
     """Open answers judged by an LLM and reports scored GREEN-style, when configured; the
-    per-record verdicts are added to ``rows``."""
+    per-record verdicts are added to ``rows``, the endpoints' usage goes to ``on_usage``."""
     metrics: dict[str, Any] = {}
+    used: list[tuple[LLMUsage, OpenAIEndpointConfig]] = []
     if cfg.llm_judge is not None:
         items = [
             OpenItem(r.id, r.question, r.answer, row["prediction"])
             for r, row in zip(records, rows)
             if r.answer_type == "open"
         ]
-        verdicts = judge_open_answers(cfg.llm_judge, items, on_reject)
+        ledger = UsageLedger()
+        verdicts = judge_open_answers(cfg.llm_judge, items, on_reject, usage=ledger)
+        used.append((ledger.snapshot(), cfg.llm_judge))
         for row in rows:
             if row["id"] in verdicts:
                 row["llm_correct"] = verdicts[row["id"]]
@@ -215,10 +231,14 @@ def _llm_judged(cfg: EvaluateConfig, records, rows, reports, on_reject) -> dict[
         metrics["n_open_llm_judged"] = len(verdicts)
     if cfg.green is not None:
         items = [ReportItem(r.id, r.answer, p) for r, p in reports]
-        green = green_scores(cfg.green, items, on_reject)
+        ledger = UsageLedger()
+        green = green_scores(cfg.green, items, on_reject, usage=ledger)
+        used.append((ledger.snapshot(), cfg.green))
         for row in rows:
             if row["id"] in green:
                 row["green"] = green[row["id"]]
         metrics["report_green"] = _mean([g["green"] for g in green.values()])
         metrics["n_report_green"] = len(green)
+    if used and on_usage is not None:
+        on_usage(usage_counts(used))
     return metrics

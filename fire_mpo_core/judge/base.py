@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fire_mpo_core.data.records import PreferencePair, Rollout, VQARecord
 from fire_mpo_core.judge.config import JudgeConfig, RejectCode
+from fire_mpo_core.openai_client import LLMUsage
 
 
 class Rejection(BaseModel):
@@ -42,6 +43,24 @@ class Rejection(BaseModel):
 
 
 JudgeResult = PreferencePair | Rejection
+
+
+class Judged(BaseModel):
+    """What judging a batch of rollouts gave: pairs and rejections in rollout order, and the
+    endpoint's :class:`LLMUsage` for a judge that calls one (None for an offline judge)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: list[PreferencePair] = Field(default_factory=list, description="Valid pairs.")
+    rejections: list[Rejection] = Field(default_factory=list, description="Rollouts without.")
+    usage: LLMUsage | None = Field(default=None, description="Endpoint usage, if any.")
+
+
+def judge_usage(judge: object) -> LLMUsage | None:
+    """The endpoint usage of ``judge`` so far: its ``usage`` ledger (a judge that calls an
+    endpoint keeps one, as :class:`~fire_mpo_core.judge.llm.LLMJudge` does), else None."""
+    ledger = getattr(judge, "usage", None)
+    return ledger.snapshot() if ledger is not None else None
 
 
 @runtime_checkable

@@ -289,7 +289,14 @@ class LLMJudge:
             registry's constructor signature).
         llm: LLM settings, overriding ``config.llm``.
         client: a ready :class:`ChatClient` (tests, or sharing one across judges).
+
+    ``usage`` is the client's :class:`~fire_mpo_core.openai_client.UsageLedger`: requests,
+    retries and tokens of every judgement so far (the judge stage reports it).
     """
+
+    #: Calls an endpoint: the judge stage reports its usage (llm_* rows) even when every
+    #: rollout came from the resume journal.
+    uses_endpoint = True
 
     def __init__(
         self,
@@ -308,6 +315,7 @@ class LLMJudge:
         self.config = config
         self.llm = settings
         self.client = client or ChatClient(settings.endpoint)
+        self.usage = self.client.usage
         self.prompts = {
             "vqa": load_prompt(settings.vqa_prompt),
             "report": load_prompt(settings.report_prompt),

@@ -417,33 +417,12 @@ def preference_logps_from_hidden(
     rows ([N_kl, H]) or at all rows of ``clean_chosen`` ([N, H]).
     """
     num_pairs = has_corrupted.shape[0]
-    unknown = set(branches) - set(BRANCHES)
-    if unknown:
-        raise ValueError(f"unknown branches {sorted(unknown)}; expected some of {BRANCHES}")
-    wanted = ["clean_chosen", "clean_rejected"]
-    if bool(has_corrupted.any()):
-        wanted += list(loss_fn.corrupt_branches)
-    missing = [key for key in wanted if key not in branches]
-    if missing:
-        raise ValueError(f"{type(loss_fn).__name__} needs branches {missing}")
+    wanted = _wanted_branches(loss_fn, branches, has_corrupted, reference_kl_hidden)
     kl_on: KLPositions | None = loss_fn.kl_on
-    if kl_on is not None and reference_kl_hidden is None:
-        raise ValueError(
-            f"{type(loss_fn).__name__} has a KL term on {kl_on!r} tokens of y+: pass "
-            "reference_kl_hidden (the reference's hidden states at those rows)"
-        )
-
     # All branches go through ONE chunked pass (their rows concatenated, clean_chosen first): one
     # autograd node, hence a single [V, H] lm_head gradient buffer when the lm_head is trained.
     spans = [branches[key].span_mask.to(torch.bool) for key in wanted]
-    kl_rows = ref_kl = None
-    if kl_on is not None:
-        cc_kl = spans[0] if kl_on == "spans" else torch.ones_like(spans[0])
-        ref_kl = reference_kl_hidden
-        n_cc, n_kl = cc_kl.numel(), int(cc_kl.sum())
-        if ref_kl.shape[0] == n_cc and n_kl != n_cc:  # given for every row of clean_chosen
-            ref_kl = ref_kl[cc_kl]
-        kl_rows = torch.cat([cc_kl, *(torch.zeros_like(sp) for sp in spans[1:])])
+    kl_rows, ref_kl = _kl_selection(kl_on, spans, reference_kl_hidden)
     logp_all, kl_f, kl_r = fused_token_stats(
         torch.cat([branches[key].hidden for key in wanted]),
         lm_head_weight,
@@ -456,17 +435,10 @@ def preference_logps_from_hidden(
         chunk_size=chunk_size,
     )
     sizes = [sp.numel() for sp in spans]
-    out: dict[str, BranchLogps] = {}
-    for key, span, logp in zip(wanted, spans, logp_all.split(sizes)):
-        br = branches[key]
-        policy, policy_span = _pair_sums(logp, br.pair_index, span, num_pairs)
-        out[key] = BranchLogps(
-            policy=policy,
-            reference=br.reference_logp.to(logp.dtype),
-            policy_span=policy_span,
-            reference_span=br.reference_span_logp.to(logp.dtype),
-            num_tokens=torch.bincount(br.pair_index, minlength=num_pairs),
-        )
+    out = {
+        key: _branch_logps(branches[key], span, logp, num_pairs)
+        for key, span, logp in zip(wanted, spans, logp_all.split(sizes))
+    }
     kl_forward = kl_reverse = None
     if kl_on is not None:
         cc_pairs = branches["clean_chosen"].pair_index
@@ -481,6 +453,59 @@ def preference_logps_from_hidden(
         has_corrupted=has_corrupted.to(torch.bool),
         kl_forward=kl_forward,
         kl_reverse=kl_reverse,
+    )
+
+
+def _wanted_branches(
+    loss_fn: PreferenceLoss,
+    branches: Mapping[str, FusedBranch],
+    has_corrupted: Tensor,
+    reference_kl_hidden: Tensor | None,
+) -> list[str]:
+    """The branches ``loss_fn`` reads (the clean two, its corrupt ones when some pair has v'),
+    clean_chosen first; raises when one is missing or unknown, or the KL's reference is."""
+    unknown = set(branches) - set(BRANCHES)
+    if unknown:
+        raise ValueError(f"unknown branches {sorted(unknown)}; expected some of {BRANCHES}")
+    wanted = ["clean_chosen", "clean_rejected"]
+    if bool(has_corrupted.any()):
+        wanted += list(loss_fn.corrupt_branches)
+    missing = [key for key in wanted if key not in branches]
+    if missing:
+        raise ValueError(f"{type(loss_fn).__name__} needs branches {missing}")
+    if loss_fn.kl_on is not None and reference_kl_hidden is None:
+        raise ValueError(
+            f"{type(loss_fn).__name__} has a KL term on {loss_fn.kl_on!r} tokens of y+: pass "
+            "reference_kl_hidden (the reference's hidden states at those rows)"
+        )
+    return wanted
+
+
+def _kl_selection(
+    kl_on: KLPositions | None, spans: list[Tensor], reference_kl_hidden: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The rows of the concatenated branches that get a KL (clean_chosen's span rows, or all
+    its rows; none of the other branches), and the reference's hidden states at those rows
+    (``reference_kl_hidden`` may hold every row of clean_chosen: then they are selected)."""
+    if kl_on is None:
+        return None, None
+    cc_kl = spans[0] if kl_on == "spans" else torch.ones_like(spans[0])
+    ref_kl = reference_kl_hidden
+    n_cc, n_kl = cc_kl.numel(), int(cc_kl.sum())
+    if ref_kl.shape[0] == n_cc and n_kl != n_cc:  # given for every row of clean_chosen
+        ref_kl = ref_kl[cc_kl]
+    return torch.cat([cc_kl, *(torch.zeros_like(sp) for sp in spans[1:])]), ref_kl
+
+
+def _branch_logps(br: FusedBranch, span: Tensor, logp: Tensor, num_pairs: int) -> BranchLogps:
+    """One branch's per-pair policy sums (all tokens, span tokens) beside its reference sums."""
+    policy, policy_span = _pair_sums(logp, br.pair_index, span, num_pairs)
+    return BranchLogps(
+        policy=policy,
+        reference=br.reference_logp.to(logp.dtype),
+        policy_span=policy_span,
+        reference_span=br.reference_span_logp.to(logp.dtype),
+        num_tokens=torch.bincount(br.pair_index, minlength=num_pairs),
     )
 
 

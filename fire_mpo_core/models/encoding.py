@@ -22,6 +22,7 @@ response token ``t`` is ``log_softmax(logits[b, t - 1])[labels[b, t]]``; use
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -119,6 +120,43 @@ def encode_batch(
         raise ValueError("the tokenizer has no eos token to end the responses with")
     enc = _encode_prompts(processor, images, questions)
     text_keys = [k for k in _TEXT_ALIGNED if k in enc]
+    rows, labels_rows, span_rows, truncated = _token_rows(
+        enc, text_keys, tokenizer, len(questions), responses, response_spans, max_length
+    )
+    width = max(len(r["input_ids"]) for r in rows)
+    pad_values = {"input_ids": _pad_id(tokenizer)}
+    out: dict[str, Tensor] = {}
+    for k in text_keys:
+        padded = [_pad(r[k], pad_values.get(k, 0), width, padding_side) for r in rows]
+        out[k] = torch.tensor(padded, dtype=enc[k].dtype)
+    for k, v in enc.items():
+        if k not in text_keys:
+            out[k] = v
+    if responses is not None:
+        labels = [_pad(r, IGNORE_INDEX, width, padding_side) for r in labels_rows]
+        out["labels"] = torch.tensor(labels, dtype=torch.long)
+        marks = [_pad(r, False, width, padding_side) for r in span_rows]
+        out["span_mask"] = torch.tensor(marks, dtype=torch.bool)
+        out["response_truncated"] = torch.tensor(truncated, dtype=torch.bool)
+    return out
+
+
+def _pad(seq: list, value: Any, width: int, side: str) -> list:
+    fill = [value] * (width - len(seq))
+    return fill + seq if side == "left" else seq + fill
+
+
+def _token_rows(
+    enc,
+    text_keys: list[str],
+    tokenizer,
+    n: int,
+    responses: list[str] | None,
+    response_spans: list[list[tuple[int, int]]] | None,
+    max_length: int | None,
+) -> tuple[list[dict[str, list[int]]], list[list[int]], list[list[bool]], list[bool]]:
+    """Per example, unpadded: the text-aligned rows (the prompt's real tokens, then the response
+    tokens and EOS) and, with responses, the labels, the span marks and whether it was cut."""
     real = enc["attention_mask"].bool()
     resp_enc = (
         tokenizer(list(responses), add_special_tokens=False, return_offsets_mapping=True)
@@ -129,7 +167,7 @@ def encode_batch(
     labels_rows: list[list[int]] = []
     span_rows: list[list[bool]] = []
     truncated: list[bool] = []
-    for i in range(len(questions)):
+    for i in range(n):
         row = {k: enc[k][i][real[i]].tolist() for k in text_keys}
         prompt_len = len(row["input_ids"])
         _check_prompt_fits(i, prompt_len, max_length, responses is not None)
@@ -148,26 +186,7 @@ def encode_batch(
             span_rows.append([False] * prompt_len + marks)
             truncated.append(cut)
         rows.append(row)
-
-    width = max(len(r["input_ids"]) for r in rows)
-
-    def pad(seq: list, value) -> list:
-        fill = [value] * (width - len(seq))
-        return fill + seq if padding_side == "left" else seq + fill
-
-    pad_values = {"input_ids": _pad_id(tokenizer)}
-    out: dict[str, Tensor] = {}
-    for k in text_keys:
-        value = pad_values.get(k, 0)
-        out[k] = torch.tensor([pad(r[k], value) for r in rows], dtype=enc[k].dtype)
-    for k, v in enc.items():
-        if k not in text_keys:
-            out[k] = v
-    if responses is not None:
-        out["labels"] = torch.tensor([pad(r, IGNORE_INDEX) for r in labels_rows], dtype=torch.long)
-        out["span_mask"] = torch.tensor([pad(r, False) for r in span_rows], dtype=torch.bool)
-        out["response_truncated"] = torch.tensor(truncated, dtype=torch.bool)
-    return out
+    return rows, labels_rows, span_rows, truncated
 
 
 def _check_batch(images, questions, responses, response_spans, padding_side) -> None:

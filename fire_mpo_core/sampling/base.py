@@ -78,7 +78,9 @@ class PolicyLike(Protocol):
 @runtime_checkable
 class SamplingEngine(Protocol):
     """Draws ``n`` answers per item. ``name`` is the engine's registry name, ``model_key`` what
-    the rollouts record as their model."""
+    the rollouts record as their model. An engine that sends requests to an endpoint also sets
+    ``uses_endpoint = True`` and keeps a ``usage`` ledger
+    (:class:`~fire_mpo_core.openai_client.UsageLedger`), which the stage reports."""
 
     name: str
     n: int

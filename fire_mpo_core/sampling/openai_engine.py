@@ -74,10 +74,13 @@ def _answers(completion) -> list[str]:
 
 class OpenAIEngine:
     """Sampling over HTTP from an OpenAI-compatible server; ``policy`` is what that server
-    serves (only its name ends up in the rows, via ``model_key``)."""
+    serves (only its name ends up in the rows, via ``model_key``). ``usage``: the client's
+    :class:`~fire_mpo_core.openai_client.UsageLedger` (requests, retries, tokens so far)."""
 
     #: The server decides what it serves: no local policy needed (make_engine checks this).
     needs_policy = False
+    #: Requests go to an endpoint: the sample stage reports ``usage`` (llm_* rows).
+    uses_endpoint = True
 
     name = "openai"
 
@@ -92,6 +95,7 @@ class OpenAIEngine:
         self.cfg = cfg
         self.n = cfg.n
         self.client = client or ChatClient(cfg.openai)
+        self.usage = self.client.usage
         self.model_key = model_key or str(cfg.openai.model)
         params: dict[str, Any] = {"temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens}
         if cfg.temperature > 0:

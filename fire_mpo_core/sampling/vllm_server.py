@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 
 from fire_mpo_core.data.records import Rollout
-from fire_mpo_core.openai_client import ChatClient
+from fire_mpo_core.openai_client import ChatClient, UsageLedger
 from fire_mpo_core.sampling.base import PolicyLike, Reject, SampleItem
 from fire_mpo_core.sampling.config import SampleConfig
 from fire_mpo_core.sampling.openai_engine import OpenAIEngine
@@ -391,10 +391,11 @@ class VLLMServerEngine:
 
     Use as a context manager, or call :meth:`close`; :meth:`sample` starts the server on first
     use. ``info`` holds what happened: ``server_start_s``, ``adapter_load_s``, ``model`` (the
-    name requested), ``url``, ``managed``.
+    name requested), ``url``, ``managed``; ``usage`` the requests and tokens (kept after close).
     """
 
     name = "vllm_server"
+    uses_endpoint = True
 
     def __init__(
         self,
@@ -410,6 +411,7 @@ class VLLMServerEngine:
         self.log_path = Path(log_path) if log_path else None
         self.server: VLLMServer | None = None
         self.info: dict[str, Any] = {}
+        self.usage = UsageLedger()  # outlives the client: the stage reads it after close()
         self._inner: OpenAIEngine | None = None
         self._url: str | None = None
         self._headers: dict[str, str] = {}
@@ -491,7 +493,7 @@ class VLLMServerEngine:
                 "api_key_secret": None,
             }
         )
-        client = ChatClient(endpoint)
+        client = ChatClient(endpoint, usage=self.usage)
         inner = OpenAIEngine(self.cfg, model_key=self.model_key, client=client)
         inner.name = self.name  # rows record this engine
         self._inner = inner

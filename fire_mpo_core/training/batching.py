@@ -256,9 +256,37 @@ def build_branch_batch(
     """
     if not pairs:
         raise ValueError("build_branch_batch needs at least one pair")
-    b = len(pairs)
     corrupt = [i for i, p in enumerate(pairs) if use_corrupted and p.corrupted_image is not None]
-    c = len(corrupt)
+    keys, row_pair, responses, spans = _branch_rows(pairs, corrupt)
+    distinct, first_row, row_image = _distinct_images(keys)
+    encoded = encode_batch(
+        processor,
+        [images.get(k) for k in keys],
+        [pairs[i].question for i in row_pair],
+        responses=responses,
+        response_spans=spans,
+        max_length=max_length,
+        padding_side="right",
+    )
+    rows, has_corrupted = _branch_index(len(pairs), corrupt)
+    return BranchBatch(
+        pair_ids=[p.id for p in pairs],
+        encoded=encoded,
+        rows=rows,
+        has_corrupted=has_corrupted,
+        row_pair=torch.tensor(row_pair, dtype=torch.long),
+        row_image=torch.tensor(row_image, dtype=torch.long),
+        image_keys=list(distinct),
+        image_first_row=first_row,
+    )
+
+
+def _branch_rows(
+    pairs: Sequence[PreferencePair], corrupt: list[int]
+) -> tuple[list[tuple[str, str]], list[int], list[str], list[list[tuple[int, int]]]]:
+    """The batch's rows in branch order (clean_chosen, clean_rejected over every pair, then
+    corrupt_chosen, corrupt_rejected over the pairs ``corrupt``): per row its image key, pair,
+    response and response spans."""
     keys: list[tuple[str, str]] = []
     row_pair: list[int] = []
     responses: list[str] = []
@@ -280,7 +308,13 @@ def build_branch_batch(
             row_pair.append(i)
             responses.append(p.chosen if chosen else p.rejected)
             spans.append(list(p.chosen_spans if chosen else p.rejected_spans))
+    return keys, row_pair, responses, spans
 
+
+def _distinct_images(
+    keys: list[tuple[str, str]],
+) -> tuple[dict[tuple[str, str], int], list[int], list[int]]:
+    """Distinct image keys in first-use order, the first row of each, and each row's image."""
     distinct: dict[tuple[str, str], int] = {}
     first_row: list[int] = []
     row_image: list[int] = []
@@ -289,16 +323,13 @@ def build_branch_batch(
             distinct[key] = len(distinct)
             first_row.append(r)
         row_image.append(distinct[key])
+    return distinct, first_row, row_image
 
-    encoded = encode_batch(
-        processor,
-        [images.get(k) for k in keys],
-        [pairs[i].question for i in row_pair],
-        responses=responses,
-        response_spans=spans,
-        max_length=max_length,
-        padding_side="right",
-    )
+
+def _branch_index(b: int, corrupt: list[int]) -> tuple[dict[str, Tensor], Tensor]:
+    """Per branch, each pair's row in the batch (-1: the pair has no such row), and which pairs
+    have v' rows."""
+    c = len(corrupt)
     none = torch.full((b,), -1, dtype=torch.long)
     rows = {
         "clean_chosen": torch.arange(b),
@@ -311,16 +342,7 @@ def build_branch_batch(
     rows["corrupt_rejected"][idx] = torch.arange(2 * b + c, 2 * b + 2 * c)
     has_corrupted = torch.zeros(b, dtype=torch.bool)
     has_corrupted[idx] = True
-    return BranchBatch(
-        pair_ids=[p.id for p in pairs],
-        encoded=encoded,
-        rows=rows,
-        has_corrupted=has_corrupted,
-        row_pair=torch.tensor(row_pair, dtype=torch.long),
-        row_image=torch.tensor(row_image, dtype=torch.long),
-        image_keys=list(distinct),
-        image_first_row=first_row,
-    )
+    return rows, has_corrupted
 
 
 # --------------------------------------------------------------------------- forward

@@ -102,12 +102,23 @@ def test_evaluate_policy_with_both_endpoints(tiny_world, tmp_path):
             return json.dumps({"significant_errors": {"b": 1}, "matched_findings": 3})
         return '{"correct": true}'
 
-    with FakeOpenAI(default=ok(reply)) as fake:
-        cfg = EvaluateConfig(
-            max_new_tokens=4, grounding=False, llm_judge=_cfg(fake), green=_cfg(fake)
+    used: dict = {}
+    with FakeOpenAI(default=ok(reply, tokens=(30, 5))) as fake:
+        judge = _cfg(fake, price_per_million_input_tokens=1.0, price_per_million_output_tokens=2.0)
+        green = _cfg(fake, price_per_million_input_tokens=3.0, price_per_million_output_tokens=4.0)
+        cfg = EvaluateConfig(max_new_tokens=4, grounding=False, llm_judge=judge, green=green)
+        m = evaluate_policy(
+            PolicyRef(base=str(root / "m")), root, cfg, tmp_path / "out", on_usage=used.update
         )
-        m = evaluate_policy(PolicyRef(base=str(root / "m")), root, cfg, tmp_path / "out")
     assert m["open_llm_accuracy"] == 1.0 and m["n_open_llm_judged"] == m["n_open"] > 0
     assert m["report_green"] == pytest.approx(0.75) and m["n_report_green"] == m["n_report"] > 0
+    # One request per open answer and per report, 30 + 5 tokens each; the cost per endpoint is
+    # (30 * in + 5 * out) / 1e6: 40e-6 per judged answer, 110e-6 per GREEN-scored report.
+    n_open, n_report = m["n_open"], m["n_report"]
+    assert used["llm_requests"] == n_open + n_report and used["llm_retries"] == 0
+    assert used["llm_prompt_tokens"] == 30 * (n_open + n_report)
+    assert used["llm_completion_tokens"] == 5 * (n_open + n_report)
+    assert used["llm_cost_usd"] == pytest.approx((40 * n_open + 110 * n_report) / 1e6)
+    assert not any(k.startswith("llm_") for k in m)  # usage is not a metric
     rows = [json.loads(x) for x in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
     assert all(("llm_correct" in r) == (r["answer_type"] == "open") for r in rows)

@@ -33,7 +33,7 @@ from fire_mpo_core.sampling.vllm_server import (
     server_command,
 )
 from testing_support import REPO
-from testing_support.fake_openai import FakeOpenAI
+from testing_support.fake_openai import FakeOpenAI, VLLMModels, ok
 
 
 def _adapter(path: Path, modules: list[str], r: int = 8, extra: dict | None = None) -> Path:
@@ -343,3 +343,17 @@ def test_gpu_profiles_switch_to_server_mode(profile):
     assert f"--max-lora-rank {sample.vllm.max_lora_rank}" in joined
     assert f"--lora-modules {name}=/store/round-1/train/k/adapter" in joined
     assert f"--dtype {sample.vllm.dtype}" in joined
+
+
+def test_engine_usage_counts_requests_and_tokens_and_outlives_close():
+    """The sample stage reads the engine's usage after closing it (the server is gone by then)."""
+    models = VLLMModels(base="base")
+    with FakeOpenAI(vllm=models, default=ok("x y", tokens=(11, 4))) as fake:
+        engine = make_engine(_cfg(base_url=fake.base_url), PolicyRef(base="b"))
+        with engine:
+            rows = list(engine.sample(_items(3)))
+        used = engine.usage.snapshot()
+    assert len(rows) == 6 and engine.uses_endpoint
+    # 3 records, one request each for its n = 2 answers.
+    assert (used.requests, used.failed_requests, used.retries) == (3, 0, 0)
+    assert (used.prompt_tokens, used.completion_tokens) == (33, 12)
