@@ -86,25 +86,34 @@ def judge_rollouts(
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[list[PreferencePair], list[Rejection]]:
     """Judge every rollout; a rollout whose record is missing becomes an ``unknown_record``
-    rejection. Returns (pairs, rejections) in rollout order. ``on_progress(n_done)`` is called
-    after each rollout (an LLM judge takes seconds per rollout: worth a progress bar)."""
+    rejection. Returns (pairs, rejections), each in rollout order. A judge with
+    ``judge_many`` (the LLM judge: ``endpoint.max_concurrency`` requests in flight) gets the
+    whole batch at once; others are called one rollout at a time, with ``on_progress(n_done)``
+    after each (an LLM judge takes seconds per rollout: worth a progress bar)."""
     by_id = records if isinstance(records, Mapping) else {r.id: r for r in records}
     pairs: list[PreferencePair] = []
     rejects: list[Rejection] = []
+    known: list[tuple[VQARecord, Rollout]] = []
+    position: dict[str, int] = {}
     for ro in rollouts:
+        position[ro.id] = len(position)
         rec = by_id.get(ro.record_id)
-        if rec is None:
-            rejects.append(
-                Rejection(
-                    id=ro.id,
-                    record_id=ro.record_id,
-                    code="unknown_record",
-                    reason=f"record {ro.record_id!r} is not in the dataset",
-                )
-            )
+        if rec is not None:
+            known.append((rec, ro))
             continue
-        res = judge.judge(rec, ro)
+        rejects.append(
+            Rejection(
+                id=ro.id,
+                record_id=ro.record_id,
+                code="unknown_record",
+                reason=f"record {ro.record_id!r} is not in the dataset",
+            )
+        )
+    many = getattr(judge, "judge_many", None)
+    results = many(known) if many is not None else (judge.judge(rec, ro) for rec, ro in known)
+    for res in results:
         (pairs if isinstance(res, PreferencePair) else rejects).append(res)
         if on_progress is not None:
             on_progress(len(pairs) + len(rejects))
+    rejects.sort(key=lambda r: position.get(r.id, -1))  # unknown_record ones among the rest
     return pairs, rejects

@@ -142,6 +142,19 @@ def test_resumed_judge_counts_its_journal_hits(store, monkeypatch):
     assert _table(store, res, monkeypatch)["llm_cost_usd"] == "n/a"  # ... and shown as such
 
 
+def test_unsharded_judge_keeps_max_concurrency_requests_in_flight(store):
+    """The stage without shards still asks the endpoint `max_concurrency` at a time (the LLM
+    judge's judge_many per journal chunk), and writes the pairs in rollout order."""
+    ids = [*GOOD, "rec-00", "rec-01", "rec-02", "rec-03"]
+    inputs = _judge_inputs(store, ids)
+    with FakeOpenAI(lifetime_s=60) as fake:
+        fake.set_default(ok(GOOD_REPLY, delay_s=0.2))
+        res = _judge(store, inputs, _endpoint(fake.base_url, max_concurrency=4))
+        assert fake.max_in_flight > 1
+    written = [json.loads(x)["id"] for x in (res.path / "data.jsonl").open()]
+    assert written == [f"{rid}#0" for rid in ids]
+
+
 def test_a_price_change_reruns_nothing(store):
     inputs = _judge_inputs(store, GOOD)
     with FakeOpenAI(lifetime_s=60) as fake:
