@@ -78,6 +78,8 @@ def dashboard_silenced():
     """The tasks' dashboard calls (Prefect artifacts: an external service here) are no-ops
     inside the block and put back after (left patched, they silenced every later flow test's
     artifacts)."""
+    import flows.full_cycle  # noqa: F401  (imports every task module: all of them get patched)
+
     patched = []
     for mod in [m for name, m in sys.modules.items() if name.startswith("tasks.")]:
         for attr in dir(mod):

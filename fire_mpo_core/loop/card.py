@@ -93,6 +93,7 @@ def model_card(
     split = eval_m["config"].get("evaluate", {}).get("split", "test")
     train_cfg = train_m["config"]["train"]
     reference = "round k-1's policy" if "reference_policy" in inputs else "the SFT base"
+    pairs_key = inputs["corrupt"].name if "corrupt" in inputs else "?"
     front = _front_matter(base, dataset, f"{run}-round-{round_}", val, test, split)
     fm = yaml.safe_dump(front, sort_keys=False)
     return f"""---
@@ -134,7 +135,7 @@ reference: {reference}. The `train` section of this round:
 ## Data
 
 Dataset `{dataset}`; minimal-edit preference pairs judged on the policy's own answers, with a
-lesion-corrupted image v' per lesion scan (stage `corrupt`, `{inputs["corrupt"].name}`).
+lesion-corrupted image v' per lesion scan (stage `corrupt`, key `{pairs_key}`).
 
 ## Evaluation
 
