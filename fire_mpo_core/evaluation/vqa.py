@@ -104,8 +104,64 @@ def evaluate_policy(
     With an LLM judge or GREEN endpoint configured, ``on_usage`` gets their ``llm_*`` counts
     (requests, tokens, cost: :func:`fire_mpo_core.openai_client.usage_counts`), which are
     results of the run, not metrics."""
-    records, images = _readable_records(data_root, cfg, on_reject)
     model, processor = load_policy(policy, dtype)
+    return score_split(
+        model, processor, data_root, cfg, out_dir, out_dir / METRICS, on_reject, on_usage
+    )
+
+
+METRICS = "metrics.json"
+#: The selection pass's metrics beside metrics.json; its per-record rows go to ``val/``.
+SELECTION_METRICS_FILE = "val_metrics.json"
+SELECTION_ROWS = "val"
+
+
+def evaluate_with_selection(
+    policy: PolicyRef,
+    data_root: Path,
+    cfg: EvaluateConfig,
+    out_dir: Path,
+    dtype: str = "float32",
+    on_reject=None,
+    on_usage: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """:func:`evaluate_policy` on ``cfg.split`` plus, when ``cfg.selection_split`` is set, the
+    selection pass on it (the model loaded once): ``val_metrics.json`` beside metrics.json and
+    its rows under ``val/``. Returns (metrics, selection metrics or None). ``on_usage`` is
+    called once per pass that used an endpoint."""
+    model, processor = load_policy(policy, dtype)
+    metrics = score_split(
+        model, processor, data_root, cfg, out_dir, out_dir / METRICS, on_reject, on_usage
+    )
+    if cfg.selection_split is None:
+        return metrics, None
+    sel = cfg.model_copy(
+        update={"split": cfg.selection_split, "max_samples": cfg.selection_max_samples}
+    )
+    if (sel.split, sel.max_samples) == (cfg.split, cfg.max_samples):  # the same pass: reuse it
+        (out_dir / SELECTION_METRICS_FILE).write_text((out_dir / METRICS).read_text())
+        return metrics, metrics
+    selection = score_split(
+        model,
+        processor,
+        data_root,
+        sel,
+        out_dir / SELECTION_ROWS,
+        out_dir / SELECTION_METRICS_FILE,
+        on_reject,
+        on_usage,
+    )
+    return metrics, selection
+
+
+def score_split(
+    model, processor, data_root: Path, cfg: EvaluateConfig, rows_dir: Path, metrics_path: Path,
+    on_reject=None, on_usage: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Answer and score ``cfg.split`` with a loaded policy: rows to ``rows_dir`` (data.jsonl,
+    grounding.jsonl), the flat metrics to ``metrics_path``; returns them with
+    ``samples_per_second``."""
+    records, images = _readable_records(data_root, cfg, on_reject)
     t0 = time.perf_counter()
     preds = generate(
         model,
@@ -123,16 +179,16 @@ def evaluate_policy(
     for k in REPORT_KEYS:
         metrics[k] = round(rep[k], 4) if k in rep else None
     metrics |= _llm_judged(cfg, records, rows, reports, on_reject, on_usage)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_dir.mkdir(parents=True, exist_ok=True)
     if cfg.grounding:
         predictions = {row["id"]: row["prediction"] for row in rows}
         g_metrics, g_rows = measure_grounding(
             model, processor, data_root, records, predictions, cfg
         )
         metrics.update(g_metrics)
-        write_jsonl(out_dir / "grounding.jsonl", g_rows)
-    write_jsonl(out_dir / "data.jsonl", rows)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_jsonl(rows_dir / "grounding.jsonl", g_rows)
+    write_jsonl(rows_dir / "data.jsonl", rows)
+    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # Timing stays out of metrics.json: the stage's content (and so every downstream key) must
     # not change when an evaluation is recomputed. The caller puts it in the manifest.
     return {**metrics, "samples_per_second": round(len(records) / max(seconds, 1e-9), 2)}
