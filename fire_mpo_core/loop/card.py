@@ -78,6 +78,22 @@ def _eval_table(val: dict, test: dict, split: str) -> str:
     return "\n".join([head, *(f"| {m} | {_cell(val, m)} | {_cell(test, m)} |" for m in shown)])
 
 
+def _versus_base(evaluate_dir: Path, metric: str, value: float | None) -> str:
+    """One sentence comparing the adapter with the SFT base (round 0, which has no adapter and
+    so is never promoted) on the same validation metric, from the evaluation's history."""
+    path = evaluate_dir / "history.jsonl"
+    rows = [json.loads(x) for x in path.open()] if path.is_file() else []
+    base = next((r.get(f"val_{metric}") for r in rows if r.get("round") == 0), None)
+    if base is None or value is None:
+        return "The SFT base (round 0) was not measured on the same split."
+    if value > base:
+        return f"The SFT base (round 0) scored {base} on the same split: this adapter is better."
+    return (
+        f"**The SFT base (round 0) scored {base} on the same split, at least as high: no round "
+        "improved on the base; prefer the base unless the other metrics say otherwise.**"
+    )
+
+
 def model_card(
     train_dir: Path, evaluate_dir: Path, round_: int, metric: str, run: str = "run"
 ) -> str:
@@ -96,6 +112,7 @@ def model_card(
     pairs_key = inputs["corrupt"].name if "corrupt" in inputs else "?"
     front = _front_matter(base, dataset, f"{run}-round-{round_}", val, test, split)
     fm = yaml.safe_dump(front, sort_keys=False)
+    versus = _versus_base(evaluate_dir, metric, val.get(metric))
     return f"""---
 {fm}---
 
@@ -104,7 +121,7 @@ def model_card(
 A LoRA adapter (PEFT) of `{base}`, aligned with FiRe-MPO preference optimisation
 (arXiv 2606.12590) by the FiRe-MPO pipeline. It is the **best round** of run `{run}` by the
 validation metric `{metric}` = {val.get(metric)} (higher is better), promoted to
-`<store>/{run}/best`. Metrics of the test split are reported, never used to choose.
+`<store>/{run}/best`. {versus} Metrics of the test split are reported, never used to choose.
 
 ## How to load it
 

@@ -42,7 +42,9 @@ def world(tmp_path):
     prep = _stage(store, 0, "prepare", {"data": {"dataset": "synthlesion"}}, {}, {"x": "1"})
     pairs = _stage(store, 1, "corrupt", {}, {"prepare": prep}, {"data.jsonl": "{}"})
 
-    def round_dirs(k: int, val: float | None, seed: int = 0) -> Candidate:
+    def round_dirs(
+        k: int, val: float | None, seed: int = 0, base: float | None = None
+    ) -> Candidate:
         adapter = {
             "adapter/adapter_config.json": json.dumps({"base_model_name_or_path": "../../m"}),
             "adapter/adapter_model.safetensors": f"weights {k} {seed}",
@@ -57,6 +59,11 @@ def world(tmp_path):
             ),
             "metrics.json": json.dumps({"grounded_accuracy": 0.3, "grounded_accuracy_n": 30}),
         }
+        if base is not None:  # evaluate's history: round 0 (the SFT base) on the same split
+            metrics["history.jsonl"] = "".join(
+                json.dumps({"round": r, "val_grounded_accuracy": v}) + "\n"
+                for r, v in ((0, base), (k, val))
+            )
         ev_cfg = {"evaluate": {"split": "test"}, "v": val, "seed": seed}
         ev = _stage(store, k, "evaluate", ev_cfg, {"policy": train}, metrics)
         return Candidate.from_evaluation(k, train, ev, "grounded_accuracy")
@@ -101,6 +108,20 @@ def test_first_promotion_writes_pointer_record_and_card(world):
         f"(stage `corrupt`, key `{read_manifest(c1.train_dir)['inputs']['corrupt']['key']}`)"
         in card
     )
+
+
+@pytest.mark.parametrize(
+    ("base", "sentence"),
+    [
+        (None, "The SFT base (round 0) was not measured on the same split."),
+        (0.3, "The SFT base (round 0) scored 0.3 on the same split: this adapter is better."),
+        (0.4, "**The SFT base (round 0) scored 0.4 on the same split, at least as high: no round"),
+    ],
+)
+def test_card_compares_the_adapter_with_the_sft_base(world, base, sentence):
+    store, round_dirs = world
+    promote(store, RUN, round_dirs(1, 0.4, base=base))
+    assert sentence in (store / RUN / BEST / "adapter" / "README.md").read_text()
 
 
 def test_card_moves_no_key(world):
