@@ -198,7 +198,10 @@ def _health_by_round(plt: Any, health: dict[int, RoundView], _headline: tuple = 
         _rounds_axis(ax, rounds)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    fig.suptitle("Health by round (red: threshold crossed; dashed: the threshold)", fontsize=11)
+    fig.suptitle(
+        "Health by round (red: threshold crossed; dashed: the latest round's threshold)",
+        fontsize=11,
+    )
     return fig
 
 
@@ -215,6 +218,8 @@ def _training_curves(plt: Any, logs: dict[int, list[dict[str, Any]]], _headline=
                 if pts:
                     label = f"round {k}" if style == "-" else None
                     ax.plot(*zip(*pts, strict=True), style, color=color, lw=1.4, label=label)
+        if keys == ("grad_norm",) and ax.has_data() and ax.get_ylim()[0] > 0:
+            ax.set_yscale("log")  # a collapse spans decades
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

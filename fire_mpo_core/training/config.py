@@ -142,6 +142,12 @@ class HealthConfig(_Cfg):
         description="Share of the logged steps (at least one) that the saturation and the "
         "late grad norm are taken over; the same share at the start is the early grad norm.",
     )
+    min_logged_steps: int = Field(
+        default=8,
+        ge=1,
+        description="The trend checks (accuracy saturation, grad-norm collapse) need at least "
+        "this many metrics.jsonl rows; a shorter run reports the numbers without flagging them.",
+    )
     max_kl: float | None = Field(
         default=5.0,
         gt=0,

@@ -189,12 +189,13 @@ class Check:
     field: str
     upper: bool  # True: flagged above the threshold; False: below
     meaning: Callable[[float, float, HealthConfig], str]
+    trend: bool = False  # needs HealthConfig.min_logged_steps rows to mean anything
 
 
 def _gap(v: float, t: float, _: HealthConfig) -> str:
     side = "longer" if v > 0 else "shorter"
     return (
-        f"chosen answers are {abs(v):.1f} words {side} than rejected (threshold {t:g}): the "
+        f"chosen answers are {abs(v):.1f} words {side} than rejected (threshold {t:.1f}): the "
         "judge or the data may be teaching length, not correctness"
     )
 
@@ -245,6 +246,7 @@ CHECKS: tuple[Check, ...] = (
             f"logged steps (threshold {t:.0%}): the pairs are separated for good and the margins "
             "now grow on whatever separates them cheapest (often length or style)"
         ),
+        trend=True,
     ),
     *(
         Check(
@@ -270,6 +272,7 @@ CHECKS: tuple[Check, ...] = (
             f"the late grad norm is {v:.3g} of the early one (threshold {t:g}): the "
             "loss is saturated and training has stopped learning"
         ),
+        trend=True,
     ),
 )
 
@@ -286,12 +289,14 @@ class Flag:
 
 def check(diagnostics: dict[str, dict[str, Number]], cfg: HealthConfig) -> list[Flag]:
     """The flags of ``{"pairs": ..., "training": ...}`` under ``cfg`` (sections may be absent);
-    the length gap is compared by its size, whichever side is longer."""
+    the length gap is compared by its size, whichever side is longer; trend checks wait for
+    ``cfg.min_logged_steps`` logged rows."""
     flags = []
+    logged = diagnostics.get("training", {}).get("logged_steps") or 0
     for c in CHECKS:
         value = diagnostics.get(c.section, {}).get(c.key)
         threshold = getattr(cfg, c.field)
-        if value is None or threshold is None:
+        if value is None or threshold is None or (c.trend and logged < cfg.min_logged_steps):
             continue
         size = abs(value) if c.key == "length_gap_words" else value
         if (size > threshold) if c.upper else (size < threshold):
