@@ -13,6 +13,7 @@ evaluate folders' ``metrics.json``. Plots use matplotlib's Agg backend (no displ
 from __future__ import annotations
 
 import base64
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ CURVES = (
     ("loss", ("loss",)),
     ("reward margin", ("rewards/margin",)),
     ("reward accuracy", ("rewards/accuracy",)),
-    ("KL (solid fwd, dashed rev)", ("kl/forward", "kl/reverse")),
+    ("KL on y+ (solid: forward, dashed: reverse)", ("kl/forward", "kl/reverse")),
     ("grad norm (before clipping)", ("grad_norm",)),
+    ("NLL of y+ (rising: chosen likelihood falls)", ("nll",)),
 )
 WARN = "⚠"
 PNG_DPI = 90
@@ -162,11 +164,22 @@ def write_plots(
         fig = draw(plt, data, headline) if any(data.values()) else None
         if fig is None:
             continue
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=PNG_DPI)
-        plt.close(fig)
+        _save(plt, fig, out_dir / name)
         written[title] = out_dir / name
     return written
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """PNG with a 256-colour palette: plots have few colours, and the report embeds them, so
+    a third of the bytes keeps the markdown artifact light."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=PNG_DPI)
+    plt.close(fig)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 def _rounds_axis(ax: Any, rounds: list[int]) -> None:
@@ -207,23 +220,24 @@ def _health_by_round(plt: Any, health: dict[int, RoundView], _headline: tuple = 
 
 def _training_curves(plt: Any, logs: dict[int, list[dict[str, Any]]], _headline=()) -> Any:
     """One panel per curve, one line per round (the step axis restarts every round)."""
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.4), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4), squeeze=False)
     rounds = [k for k in logs if logs[k]]
     for ax, (title, keys) in zip(axes.flat, CURVES, strict=True):
+        values = []
         for i, k in enumerate(rounds):
-            color = cmap(i / max(1, len(rounds) - 1))
             for key, style in zip(keys, ("-", "--"), strict=False):
                 pts = [(r["step"], r[key]) for r in logs[k] if isinstance(r.get(key), int | float)]
                 if pts:
                     label = f"round {k}" if style == "-" else None
-                    ax.plot(*zip(*pts, strict=True), style, color=color, lw=1.4, label=label)
-        if keys == ("grad_norm",) and ax.has_data() and ax.get_ylim()[0] > 0:
+                    ax.plot(*zip(*pts, strict=True), style, color=f"C{i % 10}", lw=1.4, label=label)
+                    values += [v for _, v in pts]
+        if keys == ("grad_norm",) and values and 0 < 10 * min(values) < max(values):
             ax.set_yscale("log")  # a collapse spans decades
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Training curves per round (metrics.jsonl)", fontsize=11)
     return fig
 
 

@@ -115,11 +115,13 @@ class HealthConfig(_Cfg):
         "distance 1 by construction) and stay out of the mean edit distance.",
     )
     max_span_word_share: float | None = Field(
-        default=0.9,
+        default=None,
         gt=0,
         le=1,
         description="Largest share of response words inside the marked spans: near 1 the span "
-        "losses are sequence-level DPO and the spans no longer say what is wrong.",
+        "losses are sequence-level DPO and the spans no longer say what is wrong. Off by "
+        "default: bare closed answers ('yes' vs 'no') are all span by nature; set it (e.g. 0.9) "
+        "for sentence or report answers.",
     )
     max_accuracy_saturation: float | None = Field(
         default=0.9,
