@@ -24,7 +24,7 @@ import numpy as np
 
 from fire_mpo_core.data.io import resolve_in_root
 from fire_mpo_core.data.records import PreferencePair, Span
-from fire_mpo_core.report.health import health_section, png_uri, write_plots
+from fire_mpo_core.report.health import cell, health_section, png_uri, write_plots
 from fire_mpo_core.store import DATA, read_jsonl
 
 #: Metrics shown in the table when present (in this order); the rest stay in metrics.json.
@@ -61,14 +61,10 @@ def metrics_table(evaluations: Mapping[int, Path]) -> str:
         "|---|---|" + "---:|" * len(keys),
     ]
     for k, r in rows.items():
-        cells = [_fmt(r.get(m)) for m in keys]
+        cells = [cell(r.get(m)) for m in keys]
         policy = "SFT base" if k == 0 else f"round {k}"
         lines.append(f"| {k} | {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def mark_spans(text: str, spans: list[Span], marker: str) -> str:

@@ -97,10 +97,9 @@ def round_health(trains: Mapping[int, Path]) -> dict[int, RoundView]:
     return out
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+def cell(v: Any) -> str:
+    """A table cell: floats to 3 decimals, "–" for a missing value."""
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def health_section(trains: Mapping[int, Path]) -> str:
@@ -117,7 +116,7 @@ def health_section(trains: Mapping[int, Path]) -> str:
     for k, view in rows.items():
         cells = []
         for section, key, _ in COLUMNS:
-            text = _cell(view.values.get(section, {}).get(key))
+            text = cell(view.values.get(section, {}).get(key))
             cells.append(f"**{text}** {WARN}" if key in view.flagged else text)
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
         notes += [f"- {WARN} round {k}: {f.message}" for f in view.flags]
