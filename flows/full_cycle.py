@@ -285,7 +285,7 @@ def run_cycle(
 
 
 def publish_dashboard(cfg: CycleConfig, stage: _Runner) -> None:
-    """The run's markdown report (metrics by round, example pairs) on the dashboard."""
+    """The run's markdown report (metrics and health by round, example pairs) on the dashboard."""
     out = stage.outputs
     evaluations = {k: p for (s, k), p in out.items() if s == "evaluate" and p is not None}
     if not evaluations:
@@ -297,6 +297,7 @@ def publish_dashboard(cfg: CycleConfig, stage: _Runner) -> None:
         corrupt=max(corrupted)[1] if corrupted else None,
         prepare=out.get(("prepare", 0)),
         store=str(cfg.store),
+        trains={k: p for (s, k), p in out.items() if s == "train" and p is not None},
     )
 
 

@@ -21,6 +21,7 @@ from fire_mpo_core.losses.config import LossConfig
 
 __all__ = [
     "WARMUP_ARCHS",
+    "HealthConfig",
     "LoRAConfig",
     "ReferenceConfig",
     "SFTConfig",
@@ -73,6 +74,95 @@ class LoRAConfig(_Cfg):
                 "inside the language model; drop 'lm_head' or set scope='all'"
             )
         return self
+
+
+class HealthConfig(_Cfg):
+    """Thresholds of the per-round health diagnostics (:mod:`fire_mpo_core.training.health`).
+
+    Each ``max_*`` / ``min_*`` threshold is checked against one diagnostic; None switches that
+    check off (the diagnostic is still computed and written). A crossed threshold logs one
+    warning line naming the value, the threshold and what it usually means; with ``fail`` the
+    train stage fails with that line instead (pair checks before any training compute)."""
+
+    fail: bool = Field(
+        default=False,
+        description="Fail the train stage when a threshold is crossed (false: warn only).",
+    )
+    max_length_gap_words: float | None = Field(
+        default=3.0,
+        gt=0,
+        description="Largest |mean words(y+) - words(y-)| over the round's pairs: a larger gap "
+        "teaches length, not correctness (the judge or the data rewrites the chosen side).",
+    )
+    max_chosen_longer_share: float | None = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Largest share of pairs whose chosen side has more words than the rejected.",
+    )
+    max_edit_distance: float | None = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Largest mean normalised word edit distance between y+ and y- (pairs of at "
+        "least edit_distance_min_words words): above it the pairs are rewrites, not minimal "
+        "edits (the judge's own cap, judge.max_changed_fraction, defaults to 0.5 too).",
+    )
+    edit_distance_min_words: int = Field(
+        default=4,
+        ge=1,
+        description="Pairs whose longer side has fewer words are bare answers (all span, "
+        "distance 1 by construction) and stay out of the mean edit distance.",
+    )
+    max_span_word_share: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Largest share of response words inside the marked spans: near 1 the span "
+        "losses are sequence-level DPO and the spans no longer say what is wrong. Off by "
+        "default: bare closed answers ('yes' vs 'no') are all span by nature; set it (e.g. 0.9) "
+        "for sentence or report answers.",
+    )
+    max_accuracy_saturation: float | None = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Largest share of the last tail_fraction of logged steps whose reward "
+        "accuracy is >= saturation_accuracy: the pairs are separated for good and the "
+        "margins grow on whatever separates them most cheaply.",
+    )
+    saturation_accuracy: float = Field(
+        default=0.99,
+        gt=0,
+        le=1,
+        description="A logged step's rewards/accuracy at or above this counts as saturated.",
+    )
+    tail_fraction: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="Share of the logged steps (at least one) that the saturation and the "
+        "late grad norm are taken over; the same share at the start is the early grad norm.",
+    )
+    min_logged_steps: int = Field(
+        default=8,
+        ge=1,
+        description="The trend checks (accuracy saturation, grad-norm collapse) need at least "
+        "this many metrics.jsonl rows; a shorter run reports the numbers without flagging them.",
+    )
+    max_kl: float | None = Field(
+        default=5.0,
+        gt=0,
+        description="Largest final kl/forward or kl/reverse (nats summed over a pair's KL "
+        "positions, mean over pairs): the policy has drifted far from the reference there.",
+    )
+    min_grad_norm_ratio: float | None = Field(
+        default=0.01,
+        gt=0,
+        le=1,
+        description="Smallest late / early mean gradient norm: below it the loss is saturated "
+        "and training has stopped learning (grad-norm collapse).",
+    )
 
 
 class TrainConfig(_Cfg):
@@ -197,6 +287,15 @@ class TrainConfig(_Cfg):
             "projector, embeddings, each decoder layer, lm_head) across them with FSDP2 "
             "(fire_mpo_core.training.sharding): about 1/N of the weights per process."
         ),
+    )
+    # In the train key on purpose: with `fail` a threshold decides whether the stage succeeds,
+    # so it is part of the stage's contract (a finished folder passed the checks it was keyed
+    # with). Changing a threshold reruns this round's train (deterministic: same adapter); the
+    # outputs hold only threshold-free values (flags live in the manifest counts, which are not
+    # digested), so evaluate and the later rounds' sample .. reference keep their keys.
+    health: HealthConfig = Field(
+        default_factory=HealthConfig,
+        description="Reward-hacking and health diagnostics: thresholds and fail-or-warn.",
     )
     main_process_port: int | None = Field(
         default=None,

@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from fire_mpo_core.policy import PolicyRef
 from fire_mpo_core.training.config import TrainConfig
 
+#: The per-step training log in ``out_dir`` (one JSON row per logging window; the train stage
+#: appends one health record, ``{"kind": "health", ...}``, after the last row).
+METRICS_FILE = "metrics.jsonl"
+
 
 class TrainJob(BaseModel):
     """What to train, on which pairs, into which folder."""

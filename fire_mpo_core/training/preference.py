@@ -92,7 +92,7 @@ from fire_mpo_core.training.distributed import (
     step_seed,
     sum_gradients,
 )
-from fire_mpo_core.training.job import TrainJob, TrainResult
+from fire_mpo_core.training.job import METRICS_FILE, TrainJob, TrainResult
 from fire_mpo_core.training.lora import (
     adapted_modules,
     attach_lora,
@@ -110,7 +110,6 @@ __all__ = ["TrainJob", "TrainResult", "train_preference"]
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
-METRICS_FILE = "metrics.jsonl"
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
 

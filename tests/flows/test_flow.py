@@ -90,6 +90,8 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     report = _artifact("t-report")
     assert "| 0 | SFT base |" in report and "| 1 | round 1 |" in report
     assert "data:image/png;base64," in report and "y+ (chosen):" in report
+    assert "## Health" in report and "| 1 | " in report.split("## Health")[1]  # round 1's row
+    assert (train_dir / "health.json").is_file()
 
     again = fire_mpo(config=str(small_config), return_state=True)
     assert Path(again.result()) == metrics_path

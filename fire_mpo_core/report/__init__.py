@@ -1,18 +1,20 @@
-"""The cycle's dashboard report: metrics across rounds, example corruptions and example pairs.
+"""The cycle's dashboard report: metrics across rounds, health, example corruptions and pairs.
 
     from fire_mpo_core.report import cycle_report
-    markdown = cycle_report("default", {0: eval0_dir, 1: eval1_dir}, corrupt_dir, prepare_dir)
+    markdown = cycle_report("default", {0: eval0_dir, 1: eval1_dir}, corrupt_dir, prepare_dir,
+                            trains={1: train1_dir}, plots_dir=store / "default" / "report")
 
 Reads finished stage folders only (`evaluate/*/metrics.json`, `corrupt/*/data.jsonl` and the
-images they name) and returns one markdown document. Images are embedded as small PNG data URIs,
-so the document renders the same in Prefect's dashboard (a markdown artifact) and in a file.
+images they name, `train/*/health.json` and `metrics.jsonl`: :mod:`.health`) and returns one
+markdown document; with `plots_dir` the PNG plots are also written there. Images are embedded
+as PNG data URIs, so the document renders the same in Prefect's dashboard (a markdown artifact)
+and in a file.
 Spans are marked with **bold** (chosen y+) and ~~strike-through~~ (rejected y-), which
 markdown renderers keep even when they strip HTML.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 
 from fire_mpo_core.data.io import resolve_in_root
 from fire_mpo_core.data.records import PreferencePair, Span
+from fire_mpo_core.report.health import cell, health_section, png_uri, write_plots
 from fire_mpo_core.store import DATA, read_jsonl
 
 #: Metrics shown in the table when present (in this order); the rest stay in metrics.json.
@@ -58,14 +61,10 @@ def metrics_table(evaluations: Mapping[int, Path]) -> str:
         "|---|---|" + "---:|" * len(keys),
     ]
     for k, r in rows.items():
-        cells = [_fmt(r.get(m)) for m in keys]
+        cells = [cell(r.get(m)) for m in keys]
         policy = "SFT base" if k == 0 else f"round {k}"
         lines.append(f"| {k} | {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def mark_spans(text: str, spans: list[Span], marker: str) -> str:
@@ -110,7 +109,7 @@ def triptych(original: Path, mask: Path | None, corrupted: Path) -> str:
     gap = np.full((a.shape[0], 4), 255, np.uint8)
     ok, png = cv2.imencode(".png", np.hstack([a, gap, (m > 0).astype(np.uint8) * 255, gap, c]))
     assert ok
-    return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
+    return png_uri(png.tobytes())
 
 
 def examples(corrupt: Path, data_root: Path, n: int = 3) -> str:
@@ -152,8 +151,12 @@ def cycle_report(
     corrupt: Path | None = None,
     data_root: Path | None = None,
     n_examples: int = 3,
+    trains: Mapping[int, Path] | None = None,
+    plots_dir: Path | None = None,
 ) -> str:
-    """The whole report as markdown (see the module docstring)."""
+    """The whole report as markdown (see the module docstring). With `plots_dir`, the plots
+    (health and evaluation by round, training curves) are written there and embedded."""
+    plots = write_plots(trains or {}, evaluations, plots_dir, HEADLINE) if plots_dir else {}
     parts = [
         f"# FiRe-MPO run `{run}`",
         "",
@@ -161,7 +164,19 @@ def cycle_report(
         "",
         metrics_table(evaluations),
         "",
+        *_figures(plots, ("Evaluation metrics by round",)),
     ]
+    if trains is not None:
+        parts += [
+            "## Health",
+            "",
+            "Reward-hacking and health diagnostics per round; **bold** ⚠: a `train.health` "
+            "threshold crossed.",
+            "",
+            health_section(trains),
+            "",
+            *_figures(plots, ("Health diagnostics by round", "Training curves per round")),
+        ]
     if corrupt is not None and data_root is not None:
         parts += [
             "## Example pairs (latest round)",
@@ -171,3 +186,8 @@ def cycle_report(
             examples(corrupt, data_root, n_examples),
         ]
     return "\n".join(parts)
+
+
+def _figures(plots: Mapping[str, Path], titles: tuple[str, ...]) -> list[str]:
+    """Markdown lines embedding the written plots among `titles` as PNG data URIs."""
+    return [f"![{t}]({png_uri(plots[t].read_bytes())})\n" for t in titles if t in plots]
