@@ -26,6 +26,7 @@ from fire_mpo_core.data.config import REAL_DATA_REJECT_BUDGET, DataConfig
 from fire_mpo_core.evaluation.config import EvaluateConfig
 from fire_mpo_core.judge import JUDGES
 from fire_mpo_core.judge.config import JudgeConfig
+from fire_mpo_core.loop.config import LoopConfig
 from fire_mpo_core.losses.objectives import LOSSES
 from fire_mpo_core.models.config import ModelConfig
 from fire_mpo_core.sampling import ENGINES
@@ -49,6 +50,7 @@ __all__ = [
     "DataConfig",
     "EvaluateConfig",
     "JudgeConfig",
+    "LoopConfig",
     "ModelConfig",
     "SFTConfig",
     "SampleConfig",
@@ -103,6 +105,11 @@ class CycleConfig(StrictConfig):
         description="Preference training; the `reference` stage derives its settings from it.",
     )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    loop: LoopConfig = Field(
+        default_factory=LoopConfig,
+        description="The closed loop: each round's reference policy, the validation metric "
+        "that ranks rounds (the best is promoted) and the continue / stop rule.",
+    )
 
     @field_validator("remote_stages")
     @classmethod
@@ -122,6 +129,22 @@ class CycleConfig(StrictConfig):
         ):
             if name not in registry:
                 raise ValueError(f"{field} {name!r} is unknown; known: {sorted(registry)}")
+        return self
+
+    @model_validator(mode="after")
+    def _loop_fits(self) -> CycleConfig:
+        if self.rounds > self.loop.max_rounds:
+            raise ValueError(
+                f"rounds {self.rounds} exceeds loop.max_rounds {self.loop.max_rounds}; lower "
+                "rounds or raise loop.max_rounds"
+            )
+        if self.loop.reference == "previous_round" and self.train.strategy == "fsdp":
+            # The frozen reference is a second adapter switched in by peft's set_adapter, which
+            # toggles requires_grad: not under FSDP2's sharded parameters (untested there).
+            raise ValueError(
+                "loop.reference 'previous_round' is not supported with train.strategy 'fsdp'; "
+                "use train.strategy 'ddp' or loop.reference 'base'"
+            )
         return self
 
 

@@ -13,11 +13,52 @@ from pydantic import Field
 from fire_mpo_core.openai_client import OpenAIEndpointConfig
 from fire_mpo_core.schema import StrictConfig
 
+#: Metrics of metrics.json by which rounds can be ranked: rates and scores where higher is
+#: better (the loop's headline, `loop.metric`). Left out: counts, interval ends, `blind_accuracy`
+#: (high means the language prior answers without the image) and `visual_logp_drop` (a size of
+#: effect, not a score).
+SELECTION_METRICS = (
+    "grounded_accuracy",
+    "grounded_accuracy_closed",
+    "keep_accuracy",
+    "flip_given_right",
+    "presence_balanced_accuracy",
+    "closed_accuracy",
+    "closed_lesion_accuracy",
+    "closed_modality_accuracy",
+    "open_exact_match",
+    "open_recall",
+    "open_f1",
+    "open_llm_accuracy",
+    "report_bleu",
+    "report_rouge_l",
+    "report_token_f1",
+    "report_green",
+    "clinical_precision",
+    "clinical_recall",
+    "clinical_f1",
+    "lesion_attention_ratio",
+)
+
 
 class EvaluateConfig(StrictConfig):
     """Benchmark evaluation of a policy on a split."""
 
-    split: Literal["val", "test"] = Field(default="test", description="Split to evaluate.")
+    split: Literal["val", "test"] = Field(
+        default="test", description="Split to evaluate (metrics.json): the reported numbers."
+    )
+    selection_split: Literal["val"] | None = Field(
+        default="val",
+        description="Split of the second pass whose metrics (val_metrics.json, `val_` keys of "
+        "history.jsonl) rank the rounds and decide whether to continue (never the test split); "
+        "None: no second pass (decisions then have no value).",
+    )
+    selection_max_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="Score only the first N records of selection_split (None: all); the "
+        "grounding probes keep their own cap, grounding_max_samples.",
+    )
     batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
     max_new_tokens: int = Field(default=48, ge=1, description="Generation budget per answer.")
     max_samples: int | None = Field(

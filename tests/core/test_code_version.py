@@ -109,6 +109,7 @@ LAYERS = [
     {"models", "losses", "corruption"},
     {"clinical"},
     {"judge", "sampling", "training", "evaluation"},
+    {"loop"},
     {"config", "report"},
     {"compare"},
     {"tasks"},
