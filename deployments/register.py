@@ -33,6 +33,7 @@ from prefect import get_client
 from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
 from prefect.client.schemas.objects import DeploymentSchedule
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.events.schemas.automations import AutomationCore
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
@@ -319,15 +320,18 @@ def ensure_automation(trigger: DeploymentEventTrigger, deployment_id: UUID) -> U
     """
     trigger = trigger.model_copy(deep=True)
     trigger.set_deployment_id(deployment_id)
-    automation = trigger.as_automation().model_copy(update={"owner_resource": None})
+    # Without owner_resource (left unset: the API refuses the field in an update).
+    automation = AutomationCore(**trigger.as_automation().model_dump(exclude={"owner_resource"}))
     with get_client(sync_client=True) as client:
         existing = client.read_automations_by_name(automation.name)
         if not existing:
             return client.create_automation(automation)
+        # The API lists the most recently updated first. Copies (each would start its own run)
+        # go; one disabled copy means a user switched the loop off.
         first, *copies = existing
-        automation.enabled = first.enabled
+        automation.enabled = all(a.enabled for a in existing)
         client.update_automation(first.id, automation)
-        for copy in copies:  # each copy would start its own run of the deployment
+        for copy in copies:
             client.delete_automation(copy.id)
         return first.id
 
