@@ -66,9 +66,12 @@ def canonical_json(obj: Any) -> str:
 #: host names, write order of logs), so they stay out of the content digest: a rerun that
 #: reproduces the same result must leave every key downstream unchanged. Folders by name, at
 #: any depth; files by glob; and in .json / .jsonl files, keys named like a duration or a
-#: clock time; in .md files, lines that report one.
+#: clock time; in .md files, lines that report one. Model cards (``README.md``: peft's, and the
+#: one the loop's promotion writes into the best round's finished ``adapter/``) are
+#: documentation about results, rewritten after the stage finished: left out, so a promotion
+#: leaves the folder matching its manifest and no key downstream moves (fire_mpo_core/loop).
 VOLATILE_DIRS = frozenset({"tensorboard"})
-VOLATILE_FILES = ("events.out.tfevents.*", "*.log", "timings.json")
+VOLATILE_FILES = ("events.out.tfevents.*", "*.log", "timings.json", "README.md")
 _TIMINGS = r"(seconds|elapsed|per_second|per_s|started_at|finished_at)"
 _TIMING_KEY = re.compile(rf"(^|_){_TIMINGS}$")
 _HAS_TIMING_KEY = re.compile(rf'"(\w+_)?{_TIMINGS}"\s*:'.encode())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,6 +62,7 @@ from tasks.evaluate import evaluate
 from tasks.events import emit_loop_decision
 from tasks.judge import judge
 from tasks.prepare import prepare
+from tasks.promote import promote_round
 from tasks.reference import reference
 from tasks.sample import sample
 from tasks.sft import sft
@@ -106,6 +107,16 @@ class _Runner:
         self.rounds = None if rounds is None else set(rounds)
         self.hint = hint
         self.outputs: dict[tuple[StageName, int], str | None] = {}
+        self.loop: dict[int, dict] = {}  # round -> {"decision", "promotion"} (tasks/promote.py)
+
+    def promote(self, round_: int, train: str | None, evaluation: str | None) -> None:
+        """After round k's evaluation: offer its adapter for `<store>/<run>/best`; skipped
+        when either folder is missing (`--stages` without them, nothing in the store)."""
+        if train is None or evaluation is None:
+            return
+        self.loop[round_] = promote_round(
+            str(self.cfg.store), self.cfg.run, round_, train, evaluation, self.cfg.loop.metric
+        )
 
     def is_selected(self, stage: StageName, round_: int) -> bool:
         return stage in self.selected and (self.rounds is None or round_ in self.rounds)
@@ -207,13 +218,20 @@ def load_cycle_config(
     return cfg
 
 
-def run_cycle(cfg: CycleConfig, stage: _Runner) -> str | None:
+def run_cycle(
+    cfg: CycleConfig,
+    stage: Callable[[StageName, int, dict[str, Any], dict[str, str | None]], str | None],
+    promote: Callable[[int, str | None, str | None], Any] | None = None,
+) -> str | None:
     """prepare -> sft -> evaluate, then per round k: sample (from round k-1's policy) -> judge
-    -> corrupt -> reference -> train -> evaluate. Returns the last evaluation folder, or None."""
+    -> corrupt -> reference -> train -> evaluate -> ``promote(k, train, evaluation)`` (the
+    runner's: `<store>/<run>/best`). Returns the last evaluation folder, or None."""
     dtype = cfg.model.dtype
     section = lambda name: getattr(cfg, name).model_dump(mode="json")  # noqa: E731
     # The reference pass depends only on what scoring needs (max_length, dtype...), not on lr.
     ref_cfg = ReferenceConfig.for_training(cfg.train).model_dump(mode="json")
+    # evaluate writes decision.json, so it keys on the fields the decision reads.
+    eval_cfg = {"evaluate": section("evaluate"), "dtype": dtype, "loop": cfg.loop.decision_config()}
 
     prep = {"data": section("data"), "model": section("model")}
     if cfg.data.path is not None:  # a real dataset: its files are an input of the key too
@@ -224,12 +242,7 @@ def run_cycle(cfg: CycleConfig, stage: _Runner) -> str | None:
     )
     sft_cfg = {"sft": section("sft"), "dtype": dtype, "warm_vision": warm}
     policy = stage("sft", 0, sft_cfg, {"prepare": data})
-    evaluation = stage(
-        "evaluate",
-        0,
-        {"evaluate": section("evaluate"), "dtype": dtype},
-        {"prepare": data, "policy": policy},
-    )
+    evaluation = stage("evaluate", 0, eval_cfg, {"prepare": data, "policy": policy})
     for k in range(1, cfg.rounds + 1):
         rollouts = stage(
             "sample",
@@ -243,24 +256,28 @@ def run_cycle(cfg: CycleConfig, stage: _Runner) -> str | None:
         corrupted = stage(
             "corrupt", k, {"corrupt": section("corrupt")}, {"prepare": data, "judge": pairs}
         )
+        # previous_round: round k-1's policy is the reference (round 1's is the SFT base, as
+        # with `base`: same inputs, same keys). `base` adds nothing: today's keys.
+        anchor = (
+            {"reference_policy": policy} if cfg.loop.reference == "previous_round" and k > 1 else {}
+        )
         ref = stage(
             "reference",
             k,
             {"reference": ref_cfg},
-            {"prepare": data, "corrupt": corrupted, "policy": policy},
+            {"prepare": data, "corrupt": corrupted, "policy": policy, **anchor},
         )
         policy = stage(
             "train",
             k,
             {"train": section("train")},
-            {"prepare": data, "corrupt": corrupted, "reference": ref, "policy": policy},
+            {"prepare": data, "corrupt": corrupted, "reference": ref, "policy": policy, **anchor},
         )
         evaluation = stage(
-            "evaluate",
-            k,
-            {"evaluate": section("evaluate"), "dtype": dtype},
-            {"prepare": data, "policy": policy, "previous": evaluation},
+            "evaluate", k, eval_cfg, {"prepare": data, "policy": policy, "previous": evaluation}
         )
+        if promote is not None:
+            promote(k, policy, evaluation)
     return evaluation
 
 
@@ -320,7 +337,7 @@ def fire_mpo(
     cfg = load_cycle_config(config, rounds, stages, store, run)
     start_run()
     runner = _Runner(cfg, refresh, config_path=config)
-    evaluation = run_cycle(cfg, runner)
+    evaluation = run_cycle(cfg, runner, runner.promote)
     publish_dashboard(cfg, runner)
     announce_decision(cfg, runner, config, evaluation)
     return report(evaluation)

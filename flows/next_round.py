@@ -6,7 +6,10 @@ It reads the highest round with a finished `train` output of the configured run 
 when there is none) and runs the full cycle (`flows/full_cycle.py`) with `rounds` = that + 1.
 Every earlier stage has the same content key as before, so it is `Cached` and only the new
 round is computed. This holds for an unchanged config: after a config edit the earlier stages
-get new keys and are recomputed first, which is what the content-keyed store is for.
+get new keys and are recomputed first, which is what the content-keyed store is for. It
+refuses to go past `loop.max_rounds` (a log line, no work, returns None): the automation that
+calls it after an improving round relies on that bound. Each round's adapter is offered for
+`<store>/<run>/best` after its evaluation, as in the full cycle.
 
 Deployed as `fire-mpo/next-round` with an inactive schedule (see `deployments/register.py`):
 activate it to add one round per period. `next_round_as_fire_mpo` below is this flow under the
@@ -68,12 +71,18 @@ def next_round(
             f"but {done} round(s) are trained: that step was taken already, nothing to do"
         )
         return None
+    if done >= cfg.loop.max_rounds:
+        get_run_logger().warning(
+            f"Run {cfg.run!r} in {cfg.store}: {done} round(s) done, loop.max_rounds is "
+            f"{cfg.loop.max_rounds}: no round added"
+        )
+        return None
     cfg.rounds = done + 1
     get_run_logger().info(
         f"Run {cfg.run!r} in {cfg.store}: {done} round(s) done, running round {cfg.rounds}"
     )
     runner = _Runner(cfg, refresh, config_path=config)
-    evaluation = run_cycle(cfg, runner)
+    evaluation = run_cycle(cfg, runner, runner.promote)
     publish_dashboard(cfg, runner)
     announce_decision(cfg, runner, config, evaluation)
     return report(evaluation)

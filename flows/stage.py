@@ -89,7 +89,12 @@ def rerun_stage(
     runner = _Runner(
         cfg, refresh, rounds={k}, hint="run the full cycle (or those stages) for this round first"
     )
-    run_cycle(cfg, runner)
+    # A rerun train or evaluate of round k re-offers round k for `best` (never backwards); a
+    # stage run for a remote full cycle leaves that to the cycle.
+    promote = None
+    if store_id is None and stage in ("train", "evaluate"):
+        promote = lambda r, t, e: runner.promote(r, t, e) if r == k else None  # noqa: E731
+    run_cycle(cfg, runner, promote)
     out = runner.outputs[(stage, k)]
     assert out is not None  # a selected stage either returns its folder or raises
     get_run_logger().info(f"Stage {stage!r}, round {k}: {out}")

@@ -274,14 +274,19 @@ def warn_rejects(call: StageCall, res: StageResult) -> None:
     data = res.path / DATA
     kept = sum(1 for ln in data.open("rb") if ln.strip()) if data.is_file() else 0
     top = "; ".join(f"{k} x {why}" for why, k in reasons.most_common(3))
-    try:
-        log = get_run_logger()
-    except MissingContextError:  # the body called directly (tests, scripts): plain logging
-        log = logging.getLogger(f"fire_mpo.{call.stage}")
-    log.warning(
+    task_logger(call.stage).warning(
         f"{call.stage}-r{call.round}: {n} of {n + kept} records rejected ({n / (n + kept):.0%})"
         f"{' (cached)' if res.cached else ''}: {top}; see {res.path / REJECTS}"
     )
+
+
+def task_logger(name: str) -> Any:
+    """The Prefect run logger, or plain logging (``fire_mpo.<name>``) when a task's function is
+    called directly (tests, scripts)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(f"fire_mpo.{name}")
 
 
 def rejects_by_reason(path: Path) -> Counter[str]:

@@ -4,6 +4,11 @@ Metrics are listed in `fire_mpo_core.evaluation.vqa`; with grounding on, the fol
 `grounding.jsonl`. Inputs `prepare` (the dataset), `policy` (any stage folder with a
 `policy.json`) and, from round 1 on, `previous` (the last round's evaluation), whose
 `history.jsonl` is extended so the report tracks every round.
+
+The selection pass (`evaluate.selection_split`, val) writes `val_metrics.json` (rows under
+`val/`); history rows carry its headline metrics as `val_<name>`, and `decision.json` is the
+loop's continue / stop decision over them (`fire_mpo_core.loop.decide`, config `loop`: the
+stage keys on the decision's fields). Decisions never read the test split.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact
 
 from fire_mpo_core.evaluation.config import EvaluateConfig
-from fire_mpo_core.evaluation.vqa import evaluate_policy
+from fire_mpo_core.evaluation.vqa import evaluate_with_selection
+from fire_mpo_core.loop.config import LoopConfig
+from fire_mpo_core.loop.decide import VAL_PREFIX, LoopDecision, decide, scores_from_history
 from fire_mpo_core.policy import read_policy
 from fire_mpo_core.store import StageWriter
 from tasks.common import StageCall, artifact_key, stage_task
@@ -40,9 +47,12 @@ def _in_store(path: Path, store: Path) -> str:
     return path.relative_to(store).as_posix() if path.is_relative_to(store) else str(path)
 
 
+DECISION_FILE = "decision.json"
+
+
 def body(call: StageCall, w: StageWriter) -> dict:
     cfg = EvaluateConfig.model_validate(call.config["evaluate"])
-    metrics = evaluate_policy(
+    metrics, val = evaluate_with_selection(
         read_policy(call.inputs["policy"]),
         call.inputs["prepare"],
         cfg,
@@ -50,34 +60,61 @@ def body(call: StageCall, w: StageWriter) -> dict:
         dtype=call.config["dtype"],
         on_reject=w.reject,
     )
-    history = []
-    if "previous" in call.inputs:
-        history = [json.loads(x) for x in (call.inputs["previous"] / "history.jsonl").open()]
-    history.append({"round": call.round, **{k: metrics.get(k) for k in HEADLINE}})
+    loop = LoopConfig.model_validate(call.config.get("loop", {}))
+    history = _history(call, metrics, val, loop.metric)
     (w.path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    rounds = "\n".join(
-        "| " + " | ".join(str(h.get(k)) for k in ("round", *HEADLINE)) + " |" for h in history
-    )
-    # Timings go to the manifest (counts), not into report.md: the folder's content digest must
-    # not change when nothing but the machine's speed did (the next round keys on it).
-    rows = "\n".join(
-        f"| {k} | {v} |" for k, v in sorted(metrics.items()) if k != "samples_per_second"
-    )
-    report = (
-        f"# FiRe-MPO evaluation: run `{call.run}`, round {call.round}\n\n"
-        f"Split `{cfg.split}`; policy `{_in_store(call.inputs['policy'], call.store)}`.\n\n"
-        f"## Across rounds (round 0 = SFT base)\n\n| round | {' | '.join(HEADLINE)} |\n"
-        f"|{'---|' * (len(HEADLINE) + 1)}\n{rounds}\n\n"
-        f"## All metrics, round {call.round}\n\n| metric | value |\n|---|---|\n{rows}\n"
-    )
+    decision = decide(scores_from_history(history, loop.metric), loop)
+    (w.path / DECISION_FILE).write_text(decision.model_dump_json(indent=2) + "\n")
+    report = _report(call, cfg, history, metrics, decision)
     (w.path / "report.md").write_text(report)
     create_markdown_artifact(
         report,
         key=artifact_key(f"{call.run}-evaluation"),
         description=f"Evaluation of round {call.round}",
     )
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    counts = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    if decision.value is not None:  # the dashboard table shows the deciding value too
+        counts[VAL_PREFIX + loop.metric] = decision.value
+    return counts
+
+
+def _history(call: StageCall, metrics: dict, val: dict | None, metric: str) -> list[dict]:
+    """The previous evaluation's history.jsonl rows plus this round's: the headline test
+    metrics as they always were, and the selection pass's as `val_<name>` (the loop's metric
+    too when it is not a headline)."""
+    history = []
+    if "previous" in call.inputs:
+        history = [json.loads(x) for x in (call.inputs["previous"] / "history.jsonl").open()]
+    row = {"round": call.round, **{k: metrics.get(k) for k in HEADLINE}}
+    if val is not None:
+        row |= {VAL_PREFIX + k: val.get(k) for k in dict.fromkeys((*HEADLINE, metric))}
+    return [*history, row]
+
+
+def _report(
+    call: StageCall, cfg: EvaluateConfig, history: list[dict], metrics: dict, d: LoopDecision
+) -> str:
+    """report.md: metrics by round (test; validation where measured), the loop's decision and
+    every metric of this round."""
+    keys = (
+        "round",
+        *HEADLINE,
+        *(VAL_PREFIX + k for k in HEADLINE if VAL_PREFIX + k in history[-1]),
+    )
+    rounds = "\n".join("| " + " | ".join(str(h.get(k)) for k in keys) + " |" for h in history)
+    # Timings go to the manifest (counts), not into report.md: the folder's content digest must
+    # not change when nothing but the machine's speed did (the next round keys on it).
+    rows = "\n".join(
+        f"| {k} | {v} |" for k, v in sorted(metrics.items()) if k != "samples_per_second"
+    )
+    return (
+        f"# FiRe-MPO evaluation: run `{call.run}`, round {call.round}\n\n"
+        f"Split `{cfg.split}`; policy `{_in_store(call.inputs['policy'], call.store)}`.\n\n"
+        f"## Across rounds (round 0 = SFT base)\n\n| {' | '.join(keys)} |\n"
+        f"|{'---|' * len(keys)}\n{rounds}\n\n"
+        f"## Loop decision (validation `{d.metric}`)\n\n**{d.action}**: {d.reason}.\n\n"
+        f"## All metrics, round {call.round}\n\n| metric | value |\n|---|---|\n{rows}\n"
+    )
 
 
 evaluate = stage_task(

@@ -1,7 +1,9 @@
 """Stage `train`: preference optimisation (FiRe-MPO by default) of a LoRA adapter.
 
 Inputs `prepare` (images), `corrupt` (pairs with v'), `reference` (per-round reference
-log-probs) and `policy` (round 1: the SFT base; round k: round k-1's adapter, trained further).
+log-probs) and `policy` (round 1: the SFT base; round k: round k-1's adapter, trained further);
+with `loop.reference: previous_round` from round 2 on, `reference_policy` (round k-1's policy,
+whose adapter the trainer loads frozen as the in-step reference).
 Output `adapter/` (PEFT safetensors), `metrics.jsonl`, TensorBoard events, `policy.json`.
 The working folder is resumable: a retried or restarted run continues from its last
 checkpoint, never from step 0.
@@ -24,6 +26,7 @@ from fire_mpo_core.training.job import TrainJob
 from fire_mpo_core.training.launch import launch_training
 from fire_mpo_core.training.preference import train_preference
 from tasks.common import Progress, StageCall, stage_task
+from tasks.reference import reference_adapter
 
 
 def body(call: StageCall, w: StageWriter) -> dict:
@@ -41,6 +44,7 @@ def body(call: StageCall, w: StageWriter) -> dict:
         image_root=call.inputs["prepare"],
         corrupt_root=call.inputs["corrupt"],
         reference_path=call.inputs["reference"],
+        reference_adapter=reference_adapter(call, policy),
         cfg=cfg,
         out_dir=w.path,
     )

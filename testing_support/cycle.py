@@ -78,6 +78,8 @@ def dashboard_silenced():
     """The tasks' dashboard calls (Prefect artifacts: an external service here) are no-ops
     inside the block and put back after (left patched, they silenced every later flow test's
     artifacts)."""
+    import flows.full_cycle  # noqa: F401  (imports every task module: all of them get patched)
+
     patched = []
     for mod in [m for name, m in sys.modules.items() if name.startswith("tasks.")]:
         for attr in dir(mod):
@@ -110,6 +112,7 @@ def _cycle(config_path: Path | str, build) -> str | None:
     """`run_cycle` on the config with a runner that calls ``build(task, call, name, k)`` for
     every stage whose inputs all exist."""
     import flows.full_cycle as fc
+    from tasks.promote import promote_round
 
     cfg = fc.load_cycle_config(config_path)
 
@@ -118,7 +121,11 @@ def _cycle(config_path: Path | str, build) -> str | None:
             return None
         return build(fc.TASKS[name], stage_call(cfg, name, k, config, inputs), name, k)
 
-    return fc.run_cycle(cfg, runner)
+    def promote(k, train, evaluation):  # the flow's promote step, its task's own function
+        if train is not None and evaluation is not None:
+            promote_round.fn(str(cfg.store), cfg.run, k, train, evaluation, cfg.loop.metric)
+
+    return fc.run_cycle(cfg, runner, promote)
 
 
 def _finished(task, call) -> str | None:

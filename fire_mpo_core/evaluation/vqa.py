@@ -93,8 +93,54 @@ def evaluate_policy(
     """Generate an answer per record of ``cfg.split``, score it, and write ``data.jsonl``
     (per record), ``metrics.json`` and, with grounding on, ``grounding.jsonl`` into
     ``out_dir``. Returns the metrics plus ``samples_per_second`` (kept out of metrics.json)."""
-    records, images = _readable_records(data_root, cfg, on_reject)
     model, processor = load_policy(policy, dtype)
+    return score_split(model, processor, data_root, cfg, out_dir, out_dir / METRICS, on_reject)
+
+
+METRICS = "metrics.json"
+#: The selection pass's metrics beside metrics.json; its per-record rows go to ``val/``.
+SELECTION_METRICS_FILE = "val_metrics.json"
+SELECTION_ROWS = "val"
+
+
+def evaluate_with_selection(
+    policy: PolicyRef,
+    data_root: Path,
+    cfg: EvaluateConfig,
+    out_dir: Path,
+    dtype: str = "float32",
+    on_reject=None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """:func:`evaluate_policy` on ``cfg.split`` plus, when ``cfg.selection_split`` is set, the
+    selection pass on it (the model loaded once): ``val_metrics.json`` beside metrics.json and
+    its rows under ``val/``. Returns (metrics, selection metrics or None)."""
+    model, processor = load_policy(policy, dtype)
+    metrics = score_split(model, processor, data_root, cfg, out_dir, out_dir / METRICS, on_reject)
+    if cfg.selection_split is None:
+        return metrics, None
+    sel = cfg.model_copy(
+        update={"split": cfg.selection_split, "max_samples": cfg.selection_max_samples}
+    )
+    selection = score_split(
+        model,
+        processor,
+        data_root,
+        sel,
+        out_dir / SELECTION_ROWS,
+        out_dir / SELECTION_METRICS_FILE,
+        on_reject,
+    )
+    return metrics, selection
+
+
+def score_split(
+    model, processor, data_root: Path, cfg: EvaluateConfig, rows_dir: Path, metrics_path: Path,
+    on_reject=None,
+) -> dict[str, Any]:  # fmt: skip
+    """Answer and score ``cfg.split`` with a loaded policy: rows to ``rows_dir`` (data.jsonl,
+    grounding.jsonl), the flat metrics to ``metrics_path``; returns them with
+    ``samples_per_second``."""
+    records, images = _readable_records(data_root, cfg, on_reject)
     t0 = time.perf_counter()
     preds = generate(
         model,
@@ -112,16 +158,16 @@ def evaluate_policy(
     for k in REPORT_KEYS:
         metrics[k] = round(rep[k], 4) if k in rep else None
     metrics |= _llm_judged(cfg, records, rows, reports, on_reject)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_dir.mkdir(parents=True, exist_ok=True)
     if cfg.grounding:
         predictions = {row["id"]: row["prediction"] for row in rows}
         g_metrics, g_rows = measure_grounding(
             model, processor, data_root, records, predictions, cfg
         )
         metrics.update(g_metrics)
-        write_jsonl(out_dir / "grounding.jsonl", g_rows)
-    write_jsonl(out_dir / "data.jsonl", rows)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_jsonl(rows_dir / "grounding.jsonl", g_rows)
+    write_jsonl(rows_dir / "data.jsonl", rows)
+    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # Timing stays out of metrics.json: the stage's content (and so every downstream key) must
     # not change when an evaluation is recomputed. The caller puts it in the manifest.
     return {**metrics, "samples_per_second": round(len(records) / max(seconds, 1e-9), 2)}

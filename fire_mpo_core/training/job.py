@@ -43,6 +43,12 @@ class TrainJob(BaseModel):
         description="The reference artifact (reference.safetensors or its folder); None with "
         "cfg.use_reference_artifact computes it into out_dir/reference.",
     )
+    reference_adapter: Path | None = Field(
+        default=None,
+        description="An adapter of policy.base whose policy is the frozen reference (round "
+        "k-1's, loop.reference: previous_round), loaded beside the trainable one; None: the "
+        "base with the adapter off.",
+    )
     cfg: TrainConfig = Field(description="The training config.")
     out_dir: Path = Field(description="Output folder; a resumable run's checkpoints live here.")
 
@@ -58,6 +64,9 @@ class TrainJob(BaseModel):
                 "reference_path": None
                 if self.reference_path is None
                 else self.reference_path.resolve(),
+                "reference_adapter": None
+                if self.reference_adapter is None
+                else self.reference_adapter.resolve(),
                 "out_dir": self.out_dir.resolve(),
             }
         )

@@ -1,8 +1,15 @@
 """The LoRA adapter of the preference trainer: which modules it adapts, attaching it (new, or
-the previous round's adapter loaded trainable), and where the adapted modules are.
+the previous round's adapter loaded trainable), where the adapted modules are, and the frozen
+reference inside the same model.
 
-    from fire_mpo_core.training.lora import attach_lora, adapted_modules
+    from fire_mpo_core.training.lora import attach_lora, adapted_modules, reference_weights
     model = attach_lora(base, policy, LoRAConfig(r=16, scope="language_model"))
+    with torch.no_grad(), reference_weights(model):   # the frozen reference
+        ...
+
+The reference is the policy's base with the adapter off (``loop.reference: base``), or, after
+:func:`attach_reference`, a second, frozen adapter named ``reference`` holding round k-1's
+weights (``previous_round``, iterative DPO): one base in memory either way.
 
 ``scope: language_model`` adapts only the linear layers inside the family's language model
 (:attr:`fire_mpo_core.models.families.Family.language_model`), so the vision tower and the
@@ -11,7 +18,10 @@ projector stay frozen, as in the paper.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -93,3 +103,48 @@ def vision_adapted(model: nn.Module) -> bool:
     if prefix is None:
         return bool(names)
     return any(not n.startswith(prefix + ".") for n in names)
+
+
+#: Name of the frozen second adapter that makes the reference (``loop.reference: previous_round``).
+REFERENCE_ADAPTER = "reference"
+
+
+def attach_reference(model: PeftModel, adapter_dir: str | Path) -> None:
+    """Load ``adapter_dir`` (round k-1's adapter) as the frozen, inactive ``reference`` adapter
+    beside the trainable one. peft's ``load_adapter`` leaves a new adapter frozen and inactive,
+    so the optimizer's parameters (those that require grad) are unchanged."""
+    model.load_adapter(str(adapter_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+
+
+def has_reference(model: nn.Module) -> bool:
+    return REFERENCE_ADAPTER in getattr(model, "peft_config", {})
+
+
+@contextlib.contextmanager
+def reference_weights(model: nn.Module) -> Iterator[None]:
+    """Inside the block ``model`` computes the frozen reference: its ``reference`` adapter when
+    attached, else the base with the adapter off (``disable_adapter``). Use it under no_grad.
+
+    peft's ``set_adapter`` also sets requires_grad (the adapter it activates trainable unless in
+    inference mode, every other one frozen), so each parameter's flag is put back as it was:
+    the optimizer's parameters stay exactly those that were trainable."""
+    if not has_reference(model):
+        with model.disable_adapter():
+            yield
+        return
+    trainable = model.active_adapter
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(trainable)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def drop_reference(model: nn.Module) -> None:
+    """Remove the ``reference`` adapter (before saving: save_pretrained writes every adapter,
+    and merging must see only the trained one)."""
+    if has_reference(model):
+        model.delete_adapter(REFERENCE_ADAPTER)

@@ -9,8 +9,10 @@ One optimizer step (docs/design.md section 1):
    weight (``use_fused``, :mod:`fire_mpo_core.losses.fused`).
 3. Reference terms: sum_{t in y} l_ref(t) and sum_{t in M(y)} l_ref(t) per branch come from the
    per-round artifact (:mod:`fire_mpo_core.training.reference`); the frozen reference (this very
-   model inside ``with model.disable_adapter():``, no second copy) runs in-step only on the
-   (v, y+) rows, for the KL positions. Without the artifact it runs on every row.
+   model inside ``with reference_weights(model):``, the adapter off or round k-1's adapter
+   loaded frozen beside the trainable one with ``job.reference_adapter``; no second copy of the
+   base) runs in-step only on the (v, y+) rows, for the KL positions. Without the artifact it
+   runs on every row.
 4. The loss of ``cfg.loss`` (per pair, then the mean), backward, gradient accumulation over
    ``grad_accum`` forwards, clipping, AdamW, cosine schedule with warmup.
 
@@ -91,7 +93,13 @@ from fire_mpo_core.training.distributed import (
     sum_gradients,
 )
 from fire_mpo_core.training.job import TrainJob, TrainResult
-from fire_mpo_core.training.lora import adapted_modules, attach_lora, vision_adapted
+from fire_mpo_core.training.lora import (
+    adapted_modules,
+    attach_lora,
+    attach_reference,
+    drop_reference,
+    vision_adapted,
+)
 from fire_mpo_core.training.reference import (
     ReferenceTable,
     compute_reference_logprobs,
@@ -213,7 +221,7 @@ def setup(job: TrainJob) -> _Run:
         rejects=rejects,
         order=order,
         total=total,
-        digest=_digest(cfg, job.policy, pairs),
+        digest=_digest(cfg, job.policy, pairs, job.reference_adapter),
         loss_fn=loss_fn,
         table=table,
         images=ImageCache(job.image_root, job.corrupt_root),
@@ -258,8 +266,15 @@ def _policy_model(
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)  # the LoRA init is the first random draw
     model = attach_lora(base, policy, cfg.lora)
-    model.train()
     sharded = cfg.strategy == "fsdp" and world.active
+    if job.reference_adapter is not None:  # loop.reference: previous_round
+        if sharded:
+            raise ValueError(
+                "reference_adapter (loop.reference: previous_round) is not supported with "
+                "train.strategy 'fsdp'; use 'ddp'"
+            )
+        attach_reference(model, job.reference_adapter)
+    model.train()
     if sharded:  # FSDP2 units over the frozen base and the adapter (training/sharding.py)
         sharding.shard_model(model)
     return processor, model, sharded
@@ -441,6 +456,7 @@ def save(run: _Run) -> TrainResult:
     """The adapter (relocatable), the merged model when asked, and the run's numbers."""
     cfg, world, out_dir = run.cfg, run.world, run.job.out_dir
     peft_model = run.accelerator.unwrap_model(run.model)
+    drop_reference(peft_model)  # only the trained adapter is saved or merged
     adapter_dir = out_dir / ADAPTER_DIR
     merged_dir = out_dir / MERGED_DIR if cfg.merge_adapter else None
     adapters = len(adapted_modules(peft_model))
@@ -545,7 +561,12 @@ def _accelerator(dtype: str) -> Accelerator:
         return Accelerator(mixed_precision=mixed)
 
 
-def _digest(cfg: TrainConfig, policy: PolicyRef, pairs: Sequence[PreferencePair]) -> str:
+def _digest(
+    cfg: TrainConfig,
+    policy: PolicyRef,
+    pairs: Sequence[PreferencePair],
+    reference_adapter: Path | None = None,
+) -> str:
     """What a checkpoint's continuation depends on; bookkeeping fields are left out."""
     bookkeeping = {"save_every", "keep_checkpoints", "resume", "logging_every", "merge_adapter"}
     payload = {
@@ -553,6 +574,8 @@ def _digest(cfg: TrainConfig, policy: PolicyRef, pairs: Sequence[PreferencePair]
         "policy": policy.model_dump(mode="json"),
         "pairs": [p.id for p in pairs],
     }
+    if reference_adapter is not None:  # only then: a base-reference run's digest is unchanged
+        payload["reference_adapter"] = str(reference_adapter)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -569,6 +592,7 @@ def _load_reference(job: TrainJob, pairs: list[PreferencePair]) -> ReferenceTabl
                 job.corrupt_root,
                 ReferenceConfig.for_training(cfg),
                 job.out_dir / "reference",
+                reference_adapter=job.reference_adapter,
             )
         barrier(world)
         reference_path = job.out_dir / "reference"

@@ -8,9 +8,12 @@ every pair, and the trainer reads them instead of running the reference on every
 step. Only the KL terms need the reference's full next-token distribution, and only on (clean
 image, y+); the trainer computes those in-step with the adapter switched off.
 
-The reference is the base policy (``policy.base``) with no adapter, in every round: it is what
-the trainer's ``with model.disable_adapter():`` computes, so artifact and in-step KL agree. A
-continued adapter (round k > 1) is ignored here by design.
+The reference is the base policy (``policy.base``) with no adapter (``loop.reference: base``,
+the paper's), or the base with round k-1's adapter on (``reference_adapter``,
+``loop.reference: previous_round``, iterative DPO). Either way it is what the trainer's
+``with reference_weights(model):`` computes in-step (:mod:`fire_mpo_core.training.lora`: the
+adapter off, or the same adapter loaded frozen beside the trainable one, unmerged as here), so
+artifact and in-step KL agree.
 
 Artifact ``<out_dir>/reference.safetensors`` (safetensors; no pickle), N pairs, branch order
 ``clean_chosen, clean_rejected, corrupt_chosen, corrupt_rejected``:
@@ -22,7 +25,8 @@ Artifact ``<out_dir>/reference.safetensors`` (safetensors; no pickle), N pairs, 
     has_corrupted    [N]    bool      whether pair n has a corrupted image v'
 
 with safetensors metadata ``format`` (``fire-mpo-reference/1``), ``pair_ids`` (JSON list, row
-order) and ``info`` (JSON: ``branches``, ``max_length``, ``dtype``, ``base``). Usage::
+order) and ``info`` (JSON: ``branches``, ``max_length``, ``dtype``, ``base``, and ``adapter``
+when the reference carries one). Usage::
 
     from fire_mpo_core.training.reference import compute_reference_logprobs, ReferenceTable
     info = compute_reference_logprobs(policy, pairs_path, image_root, corrupt_root,
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -74,6 +79,7 @@ __all__ = [
     "ReferenceTable",
     "branch_reference_sums",
     "compute_reference_logprobs",
+    "load_reference_model",
 ]
 
 REFERENCE_FILE = "reference.safetensors"
@@ -195,10 +201,10 @@ def branch_reference_sums(
 ) -> dict[str, BranchReference]:
     """Reference log-prob sums of every branch of ``batch`` from one forward pass.
 
-    ``model`` must already BE the reference (the base model, or a peft model inside
-    ``disable_adapter()``). Log-probs come chunk by chunk from the final hidden states and the
-    lm_head weight (:func:`~fire_mpo_core.losses.fused.reference_logp_sums`), so no [R, T, V]
-    logits are built.
+    ``model`` must already BE the reference (:func:`load_reference_model`, or the trainer's
+    peft model inside ``reference_weights(model)``). Log-probs come chunk by chunk from the
+    final hidden states and the lm_head weight
+    (:func:`~fire_mpo_core.losses.fused.reference_logp_sums`), so no [R, T, V] logits are built.
 
     Args:
         model: the reference model, in eval mode.
@@ -259,11 +265,12 @@ def compute_reference_logprobs(
     cfg: ReferenceConfig,
     out_dir: str | Path,
     on_batch: Callable[[int, int], None] | None = None,
+    reference_adapter: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compute the reference artifact ``out_dir/reference.safetensors`` for ``pairs``.
 
     Args:
-        policy: the round's policy; its ``base`` is the reference (its adapter is not used).
+        policy: the round's policy; its ``base`` is the reference model (its adapter is not used).
         pairs: validated pairs, or the path of their ``data.jsonl`` (or its folder).
         image_root: folder the pairs' ``image`` paths are relative to.
         corrupt_root: folder the ``corrupted_image`` paths are relative to; None: the folder of
@@ -271,12 +278,48 @@ def compute_reference_logprobs(
         cfg: batch size, max_length (must equal the trainer's), dtype, chunk size, device.
         out_dir: output folder (created).
         on_batch: optional progress callback ``(batches_done, batches_total)``.
+        reference_adapter: a PEFT adapter of ``policy.base`` that is part of the reference
+            (round k-1's, ``loop.reference: previous_round``); None: the base alone.
 
     Returns:
         ``path``, ``pairs``, ``pairs_with_corrupted``, ``image_encodes`` (vision-tower passes),
         ``sequences`` (rows scored), ``seconds``.
     """
     t0 = time.perf_counter()
+    pairs, image_root, corrupt_root = _resolve_pairs(pairs, image_root, corrupt_root, cfg)
+    device = _device(cfg.device)
+    processor = load_processor(policy.base, trust_remote_code=policy.trust_remote_code)
+    model = load_reference_model(policy, reference_adapter, cfg.dtype, device)
+    images = ImageCache(image_root, corrupt_root)
+    sums, stats = _score_pairs(model, processor, pairs, images, cfg, device, on_batch)
+    metadata = {
+        "branches": list(BRANCHES),
+        "max_length": cfg.max_length,
+        "dtype": cfg.dtype,
+        "base": str(policy.base),
+    }
+    if reference_adapter is not None:  # only then: a base-only artifact's bytes stay as they were
+        metadata["adapter"] = str(reference_adapter)
+    table = ReferenceTable(pair_ids=[p.id for p in pairs], metadata=metadata, **sums)
+    path = Path(out_dir) / REFERENCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return {
+        "path": str(path),
+        "pairs": len(pairs),
+        "pairs_with_corrupted": int(sums["has_corrupted"].sum()),
+        **stats,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _resolve_pairs(
+    pairs: Sequence[PreferencePair] | str | Path,
+    image_root: str | Path,
+    corrupt_root: str | Path | None,
+    cfg: ReferenceConfig,
+) -> tuple[list[PreferencePair], Path, Path | None]:
+    """The pairs (loaded and checked when given as a path) and the image folders."""
     if isinstance(pairs, str | Path):
         pairs_path = Path(pairs)
         if corrupt_root is None:
@@ -292,25 +335,45 @@ def compute_reference_logprobs(
     pairs = list(pairs)
     if not pairs:
         raise ValueError("compute_reference_logprobs got no pairs")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
-    processor = load_processor(policy.base, trust_remote_code=policy.trust_remote_code)
-    model = load_model(
-        policy.base, dtype=cfg.dtype, device=str(device), trust_remote_code=policy.trust_remote_code
-    )
-    images = ImageCache(Path(image_root), Path(corrupt_root) if corrupt_root else None)
-    shared = supports_shared_images(model)
+    return pairs, Path(image_root), Path(corrupt_root) if corrupt_root else None
 
+
+def load_reference_model(
+    policy: PolicyRef, adapter: str | Path | None, dtype: str, device: torch.device
+) -> torch.nn.Module:
+    """The frozen reference in eval mode: ``policy.base``, with ``adapter`` applied (unmerged,
+    the way the trainer's frozen second adapter computes it) when given."""
+    model = load_model(
+        policy.base, dtype=dtype, device=str(device), trust_remote_code=policy.trust_remote_code
+    )
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).to(device)
+    return model.eval()
+
+
+def _score_pairs(
+    model: torch.nn.Module,
+    processor: Any,
+    pairs: list[PreferencePair],
+    images: ImageCache,
+    cfg: ReferenceConfig,
+    device: torch.device,
+    on_batch: Callable[[int, int], None] | None,
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """The artifact's tensors for every pair (in ``pairs`` order), batch by batch, and the
+    counters ``image_encodes`` and ``sequences``."""
+    shared = supports_shared_images(model)
     # Sorting by length packs similar lengths together: less padding, same per-pair results.
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].chosen) + len(pairs[i].rejected))
     n, k = len(pairs), len(BRANCHES)
-    logp = torch.zeros(n, k)
-    span_logp = torch.zeros(n, k)
-    num_tokens = torch.zeros(n, k, dtype=torch.int32)
-    num_span = torch.zeros(n, k, dtype=torch.int32)
-    has_corrupted = torch.zeros(n, dtype=torch.bool)
-    encodes = sequences = 0
+    out = {
+        "logp": torch.zeros(n, k),
+        "span_logp": torch.zeros(n, k),
+        "num_tokens": torch.zeros(n, k, dtype=torch.int32),
+        "num_span_tokens": torch.zeros(n, k, dtype=torch.int32),
+        "has_corrupted": torch.zeros(n, dtype=torch.bool),
+    }
+    stats = {"image_encodes": 0, "sequences": 0}
     n_batches = (n + cfg.batch_size - 1) // cfg.batch_size
     for j, start in enumerate(range(0, n, cfg.batch_size)):
         idx = order[start : start + cfg.batch_size]
@@ -319,40 +382,25 @@ def compute_reference_logprobs(
         with torch.no_grad():
             feats = encode_images(model, batch) if shared else None
             sums = branch_reference_sums(model, batch, cfg.chunk_size, feats)
-        encodes += len(batch.image_keys) if shared else batch.num_rows
-        sequences += batch.num_rows
-        rows = torch.tensor(idx, dtype=torch.long)
-        for c, branch in enumerate(BRANCHES):
-            s = sums[branch]
-            logp[rows, c] = s.logp.cpu()
-            span_logp[rows, c] = s.span_logp.cpu()
-            num_tokens[rows, c] = s.num_tokens.cpu().to(torch.int32)
-            num_span[rows, c] = s.num_span_tokens.cpu().to(torch.int32)
-        has_corrupted[rows] = batch.has_corrupted.cpu()
+        stats["image_encodes"] += len(batch.image_keys) if shared else batch.num_rows
+        stats["sequences"] += batch.num_rows
+        _scatter(out, torch.tensor(idx, dtype=torch.long), sums, batch.has_corrupted)
         if on_batch is not None:
             on_batch(j + 1, n_batches)
+    return out, stats
 
-    table = ReferenceTable(
-        pair_ids=[p.id for p in pairs],
-        logp=logp,
-        span_logp=span_logp,
-        num_tokens=num_tokens,
-        num_span_tokens=num_span,
-        has_corrupted=has_corrupted,
-        metadata={
-            "branches": list(BRANCHES),
-            "max_length": cfg.max_length,
-            "dtype": cfg.dtype,
-            "base": str(policy.base),
-        },
-    )
-    path = out_dir / REFERENCE_FILE
-    table.save(path)
-    return {
-        "path": str(path),
-        "pairs": n,
-        "pairs_with_corrupted": int(has_corrupted.sum()),
-        "image_encodes": encodes,
-        "sequences": sequences,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+
+def _scatter(
+    out: dict[str, Tensor],
+    rows: Tensor,
+    sums: dict[str, BranchReference],
+    has_corrupted: Tensor,
+) -> None:
+    """Write one batch's per-branch sums into the artifact's rows ``rows``."""
+    for c, branch in enumerate(BRANCHES):
+        s = sums[branch]
+        out["logp"][rows, c] = s.logp.cpu()
+        out["span_logp"][rows, c] = s.span_logp.cpu()
+        out["num_tokens"][rows, c] = s.num_tokens.cpu().to(torch.int32)
+        out["num_span_tokens"][rows, c] = s.num_span_tokens.cpu().to(torch.int32)
+    out["has_corrupted"][rows] = has_corrupted.cpu()

@@ -4,7 +4,8 @@ needed, and the loss of ``cfg.loss`` per pair (:func:`score_batch`).
 One policy forward over all rows gives the final hidden states; token log-probs come from full
 logits (the naive path) or chunk by chunk from the hidden states and the lm_head weight (the
 fused path, :mod:`fire_mpo_core.losses.fused`). The frozen reference is this very model inside
-``with model.disable_adapter():``; with the per-round reference artifact it runs only on the
+``with reference_weights(model):`` (the adapter off, or round k-1's frozen adapter:
+:mod:`fire_mpo_core.training.lora`); with the per-round reference artifact it runs only on the
 (v, y+) rows, for the KL positions, else on every row.
 """
 
@@ -35,6 +36,7 @@ from fire_mpo_core.training.batching import (
     hf_model,
     shifted_targets,
 )
+from fire_mpo_core.training.lora import reference_weights
 from fire_mpo_core.training.reference import (
     BranchReference,
     branch_reference_sums,
@@ -74,13 +76,13 @@ def _reference_forward(
     vision_adapted: bool,
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> tuple[Tensor, int, int]:
-    """Hidden states of the frozen reference (adapter off, eval mode, no grad) on ``rows``.
+    """Hidden states of the frozen reference (eval mode, no grad) on ``rows``.
 
     Returns (hidden [r, W, H], W, image encodes spent)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), model.disable_adapter(), autocast():
+        with torch.no_grad(), reference_weights(model), autocast():
             encodes = 0
             feats = None
             if shared_images:
@@ -110,7 +112,7 @@ def score_batch(
     """Per-pair loss and its parts for one branch batch (differentiable w.r.t. the adapter).
 
     Args:
-        model: the peft policy (its adapter off = the reference).
+        model: the peft policy (inside ``reference_weights``: the reference).
         batch: B pairs on the model's device.
         loss_cfg: which loss.
         use_fused: hidden states + chunked lm_head (True) or full logits (False).
@@ -243,7 +245,7 @@ def _naive_outputs(model, batch, loss_cfg, loss_fn, wanted, fw, reference, autoc
         return idx, lab, fw.spans[idx] & present.unsqueeze(1)
 
     if reference is None:  # the public naive contract, reference logits on every branch
-        with torch.no_grad(), model.disable_adapter(), autocast():  # an adapted head, too
+        with torch.no_grad(), reference_weights(model), autocast():  # an adapted head, too
             ref_logits = head(fw.ref_hidden)[:, :-1]
         pol, ref, labs, spans = {}, {}, {}, {}
         for branch in wanted:
@@ -287,7 +289,7 @@ def _naive_kl(model, head, batch, loss_fn, fw, logits, autocast) -> tuple[Tensor
     if loss_fn.kl_on == "spans":
         pos = pos & sp_cc
     pol_lp = torch.log_softmax(_upcast(logits[fw.cc_rows, : fw.ref_width - 1][pos]), -1)
-    with torch.no_grad(), model.disable_adapter(), autocast():
+    with torch.no_grad(), reference_weights(model), autocast():
         ref_logits = head(fw.ref_hidden[:, : fw.ref_width - 1][pos])
     fwd, rev = kl_per_position(pol_lp, torch.log_softmax(_upcast(ref_logits), -1))
     pair_index = torch.arange(n_pairs, device=device).unsqueeze(1).expand_as(pos)[pos]
