@@ -373,7 +373,10 @@ class Served:
         self.api = f"{self.url}/api"
         self.run_env = {**env, "PREFECT_API_URL": self.api}
         self.cfg = tmp / "small.yaml"
-        self.cfg.write_text(yaml.safe_dump({**SMALL, "store": str(tmp / "store")}))
+        # loop.max_rounds 1: round 1 decides `stop`, so the loop's automation adds no round
+        # to these tests' runs (tests/flows/test_loop_served.py drives the loop).
+        small = {**SMALL, "store": str(tmp / "store"), "loop": {"max_rounds": 1}}
+        self.cfg.write_text(yaml.safe_dump(small))
         self.timings: dict[str, float] = {}
         self.runs: dict[str, str] = {}
         self.pids: dict[str, int] = {}
