@@ -194,15 +194,27 @@ def _assert_lineage(best_train: Path, since: datetime.datetime) -> None:
     assert {"corrupt", "judge", "sample", "reference", "sft", "prepare"} <= stages, seen
 
 
+#: UI pages rendered by the test (FIRE_MPO_SCREENSHOT_DIR keeps them; docs/img has them).
+PAGES = {
+    "automations.png": "/automations",
+    # The Event Feed, only the loop's decisions and the rounds' evaluations (event names: the
+    # UI's name and prefix filters combine with AND).
+    "loop-events.png": "/events?"
+    + "&".join(f"events={n}" for n in (LOOP_CONTINUE, LOOP_STOP, ROUND_EVALUATED)),
+}
+
+
 def _screenshot(srv, tmp_path: Path) -> None:
-    """The Automations page (FIRE_MPO_SCREENSHOT_DIR keeps it), rendered by headless Chromium."""
+    """The Automations page and the loop's events, rendered by headless Chromium (skipped
+    without it: `apt install chromium`)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         return
     out = Path(os.environ.get("FIRE_MPO_SCREENSHOT_DIR", tmp_path))
     out.mkdir(parents=True, exist_ok=True)
-    shot = out / "automations.png"
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    args += ["--window-size=1600,900", "--virtual-time-budget=20000", f"--screenshot={shot}"]
-    res, _ = _deployments._sh([*args, f"{srv.url}/automations"], srv.env, 180)
-    assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
+    args += ["--window-size=1600,900", "--virtual-time-budget=20000"]
+    for name, page in PAGES.items():
+        shot = out / name
+        res, _ = _deployments._sh([*args, f"--screenshot={shot}", srv.url + page], srv.env, 180)
+        assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
