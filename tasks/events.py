@@ -35,17 +35,27 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prefect.assets import Asset, AssetProperties
 from prefect.context import AssetContext, FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from pydantic import ValidationError
 
-if TYPE_CHECKING:
-    from fire_mpo_core.store import StageResult
-    from tasks.common import StageCall
+from fire_mpo_core.store import StageResult
+
+
+class StageCall(Protocol):
+    """What the events read of a `tasks.common.StageCall` (which imports this module)."""
+
+    store: Path
+    run: str
+    round: int
+    stage: str
+    inputs: Mapping[str, Path]
+
 
 STAGE_COMPLETED = "fire-mpo.stage.completed"
 ROUND_EVALUATED = "fire-mpo.round.evaluated"
