@@ -32,13 +32,16 @@ SMALL = {
     "evaluate": {"max_new_tokens": 8, "batch_size": 16},
 }
 ROUND_STAGES = ["sample", "judge", "corrupt", "reference", "train", "evaluate"]
+#: Tasks that run every time (never cached): the dashboard report and round 1's promotion to
+#: `<store>/<run>/best` (both cheap, and both must see the store as it is now).
+NEVER_CACHED = {"dashboard", "promote-r1"}
 ALL_RUNS = sorted(
-    ["prepare-r0", "sft-r0", "evaluate-r0", "dashboard"] + [f"{s}-r1" for s in ROUND_STAGES]
+    ["prepare-r0", "sft-r0", "evaluate-r0", *NEVER_CACHED] + [f"{s}-r1" for s in ROUND_STAGES]
 )
 
 
 #: Task run states of a run whose stages are all cached.
-CACHED_RUN = {**dict.fromkeys(ALL_RUNS, "Cached"), "dashboard": "Completed"}
+CACHED_RUN = {**dict.fromkeys(ALL_RUNS, "Cached"), **dict.fromkeys(NEVER_CACHED, "Completed")}
 
 
 def task_states(flow_run_id, settle_s: float = 20.0) -> dict[str, str]:

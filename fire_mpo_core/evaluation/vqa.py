@@ -121,6 +121,9 @@ def evaluate_with_selection(
     sel = cfg.model_copy(
         update={"split": cfg.selection_split, "max_samples": cfg.selection_max_samples}
     )
+    if (sel.split, sel.max_samples) == (cfg.split, cfg.max_samples):  # the same pass: reuse it
+        (out_dir / SELECTION_METRICS_FILE).write_text((out_dir / METRICS).read_text())
+        return metrics, metrics
     selection = score_split(
         model,
         processor,

@@ -25,7 +25,7 @@ from fire_mpo_core.evaluation.grounding import (
     removed_image,
 )
 from fire_mpo_core.evaluation.probes import build_probes
-from fire_mpo_core.evaluation.vqa import evaluate_policy
+from fire_mpo_core.evaluation.vqa import evaluate_policy, evaluate_with_selection
 from fire_mpo_core.models import encode_batch, load_model, load_processor
 from fire_mpo_core.policy import PolicyRef
 
@@ -188,6 +188,32 @@ def test_evaluate_policy_writes_grounding_metrics(tiny, tmp_path):
     )
     assert "grounded_accuracy" not in off and not (tmp_path / "n" / "grounding.jsonl").exists()
     assert off["closed_accuracy"] == m["closed_accuracy"]  # grounding does not touch answers
+
+
+def test_evaluate_with_selection_scores_val_apart_from_test(tiny_world, tmp_path):
+    """The selection pass scores the val split (capped) beside the test metrics; when it is the
+    same pass as the main one it is reused, not run twice."""
+    torch.set_num_threads(1)
+    tiny = tiny_world(
+        data={"n_train_images": 8, "n_val_images": 2, "n_test_images": 2},
+        data_dir="",
+        models={"llava": {"hidden_size": 64, "num_heads": 2, "vocab_size": 300}},
+    )["root"]
+    policy = PolicyRef(base=str(tiny / "llava"))
+    cfg = EvaluateConfig(max_new_tokens=4, grounding=False, selection_max_samples=3)
+    test, val = evaluate_with_selection(policy, tiny, cfg, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "val_metrics.json").read_text()) == {
+        k: v for k, v in val.items() if k != "samples_per_second"
+    }
+    val_rows = (tmp_path / "a" / "val" / "data.jsonl").read_text().splitlines()
+    assert len(val_rows) == 3 and all(json.loads(r)["id"].startswith("val-") for r in val_rows)
+    assert test["n_closed"] + test["n_open"] + test["n_report"] > 3
+    same = cfg.model_copy(update={"split": "val", "max_samples": 3})
+    main, again = evaluate_with_selection(policy, tiny, same, tmp_path / "b")
+    assert again is main and not (tmp_path / "b" / "val").exists()
+    off = cfg.model_copy(update={"selection_split": None})
+    assert evaluate_with_selection(policy, tiny, off, tmp_path / "c")[1] is None
+    assert not (tmp_path / "c" / "val_metrics.json").exists()
 
 
 def test_evaluate_config_fails_fast_naming_the_field():

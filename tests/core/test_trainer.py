@@ -510,3 +510,34 @@ def test_group_by_length_orders_micro_batches_by_length(world, tmp_path):
     cfg = small_cfg(max_steps=2, batch_size=3, group_by_length=True)
     out = train_preference(train_job(world, cfg, tmp_path / "grouped"))
     assert out.steps == 2
+
+
+@needs_corruption
+@pytest.mark.parametrize(("artifact", "fused"), [(False, False), (True, True)])
+def test_previous_round_reference_starts_equal_to_the_policy(world, tmp_path, artifact, fused):
+    """loop.reference: previous_round. Round 2 starts from round 1's adapter and its frozen
+    reference IS round 1's policy, so the first step's rewards and KL are 0 (up to float),
+    in-step on every row (naive) and through the artifact the trainer computes itself (fused);
+    the saved adapter holds the trained adapter only."""
+    first = train_preference(train_job(world, small_cfg(max_steps=2), tmp_path / "round1"))
+    cfg = small_cfg(
+        max_steps=1, lr=1e-12, warmup_ratio=0.0, use_fused=fused, use_reference_artifact=artifact
+    )
+    out = {}
+    for name, adapter in (("previous_round", Path(first.policy.adapter)), ("base", None)):
+        job = train_job(
+            world,
+            cfg,
+            tmp_path / name,
+            policy=first.policy,
+            reference_path=None,
+            reference_adapter=adapter,
+        )
+        out[name] = train_preference(job).final_metrics
+    prev, base = out["previous_round"], out["base"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "kl/forward", "kl/reverse"):
+        assert abs(prev[key]) < 1e-5, (key, prev[key])
+    assert abs(base["rewards/margin"]) > 1e-3 and base["kl/forward"] > 1e-5  # moved off the base
+    assert sorted(p.name for p in (tmp_path / "previous_round" / "adapter").iterdir()) == sorted(
+        p.name for p in (tmp_path / "round1" / "adapter").iterdir()
+    )

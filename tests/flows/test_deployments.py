@@ -54,7 +54,14 @@ from flows.remote import check_shared_store
 from flows.stage import main as stage_main
 from flows.stage import rerun_stage, target_round
 from tasks.events import LOOP_CONTINUE
-from testing_support.flow_runs import ALL_RUNS, CACHED_RUN, ROUND_STAGES, SMALL, task_states
+from testing_support.flow_runs import (
+    ALL_RUNS,
+    CACHED_RUN,
+    NEVER_CACHED,
+    ROUND_STAGES,
+    SMALL,
+    task_states,
+)
 
 EXPECTED = {
     "fire-mpo/full-cycle",
@@ -309,9 +316,11 @@ def test_stage_and_next_round_flows(prefect_harness, tmp_path):
     first = fire_mpo(config=str(cfg), return_state=True)
     assert first.is_completed()
 
-    # Default round: the latest evaluated one (1); cached, and the only task of the run.
+    # Default round: the latest evaluated one (1); cached, and the only stage of the run (round
+    # 1 is offered for `best` again: it stays).
     state = rerun_stage(stage="evaluate", config=str(cfg), return_state=True)
-    assert _task_states(state.state_details.flow_run_id) == {"evaluate-r1": "Cached"}
+    promoted = {"promote-r1": "Completed"}
+    assert _task_states(state.state_details.flow_run_id) == {"evaluate-r1": "Cached", **promoted}
     assert Path(state.result()) == Path(first.result()).parent
     # An explicit round: only that task.
     state = rerun_stage(stage="evaluate", round=0, config=str(cfg), return_state=True)
@@ -319,17 +328,18 @@ def test_stage_and_next_round_flows(prefect_harness, tmp_path):
     # Forced: recomputed. (Round 1, the last: evaluate's metrics.json holds a throughput, so a
     # recomputed evaluation has a new content digest and would re-key the next round's.)
     state = rerun_stage(stage="evaluate", round=1, config=str(cfg), refresh=True, return_state=True)
-    assert _task_states(state.state_details.flow_run_id) == {"evaluate-r1": "Completed"}
+    assert _task_states(state.state_details.flow_run_id) == {"evaluate-r1": "Completed", **promoted}
     # A stage whose inputs are missing for that round is a clear error.
     with pytest.raises(RuntimeError, match="needs"):
         rerun_stage(stage="judge", round=2, config=str(cfg))
 
     state = next_round(config=str(cfg), return_state=True)
     states = _task_states(state.state_details.flow_run_id)
-    assert {k for k, v in states.items() if v == "Cached"} == set(ALL_RUNS) - {"dashboard"}
+    assert {k for k, v in states.items() if v == "Cached"} == set(ALL_RUNS) - NEVER_CACHED
     assert {k for k, v in states.items() if v == "Completed"} == {
         *(f"{s}-r2" for s in ROUND_STAGES),
-        "dashboard",
+        *NEVER_CACHED,
+        "promote-r2",
     }, states
     assert Path(state.result()).parent.parent.parent.name == "round-2"
     assert rounds_done(tmp_path / "store", SMALL["run"]) == 2
@@ -421,7 +431,7 @@ def test_served_full_cycle_then_cached_then_one_stage(served):
     with temporary_settings({PREFECT_API_URL: served.api}):
         assert _task_states(first) == dict.fromkeys(ALL_RUNS, "Completed")
         assert _task_states(again) == CACHED_RUN
-        assert _task_states(evaluate) == {"evaluate-r1": "Completed"}
+        assert _task_states(evaluate) == {"evaluate-r1": "Completed", "promote-r1": "Completed"}
     cmd = [str(served.bin / "prefect"), "deployment", "run", "fire-mpo/full-cycle"]
     bad, _ = _sh([*cmd, "-p", 'stages=["polish"]'], served.run_env, 120)
     assert bad.returncode != 0 and "'polish' is not one of" in bad.stdout
@@ -478,7 +488,7 @@ def test_served_dashboard_in_headless_chromium(served, tmp_path):
     out, served.timings["chromium dump-dom"] = _sh([*common, "--dump-dom", page], served.env, 180)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ALL_RUNS:
-        if name != "dashboard":
+        if name not in NEVER_CACHED:
             assert name in out.stdout, f"{name} not on the flow run page"
     out, _ = _sh([*common, f"--screenshot={shot}", page], served.env, 180)
     assert out.returncode == 0 and shot.stat().st_size > 10_000, out.stderr[-2000:]

@@ -12,7 +12,14 @@ import yaml
 from fire_mpo_core.policy import adapter_base
 from fire_mpo_core.store import input_dirs, read_manifest
 from flows.full_cycle import fire_mpo, main
-from testing_support.flow_runs import ALL_RUNS, CACHED_RUN, ROUND_STAGES, SMALL, task_states
+from testing_support.flow_runs import (
+    ALL_RUNS,
+    CACHED_RUN,
+    NEVER_CACHED,
+    ROUND_STAGES,
+    SMALL,
+    task_states,
+)
 
 
 @pytest.fixture()
@@ -104,7 +111,7 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     shutil.rmtree(judge_dir)
     third = fire_mpo(config=str(small_config), return_state=True)
     states = _task_states(third.state_details.flow_run_id)
-    assert {k for k, v in states.items() if v != "Cached"} == {"judge-r1", "dashboard"}
+    assert {k for k, v in states.items() if v != "Cached"} == {"judge-r1", *NEVER_CACHED}
     assert (judge_dir / "manifest.json").is_file()
 
     # Editing one stage's config reruns that stage and those after it only.
@@ -116,7 +123,7 @@ def test_flow_runs_then_is_entirely_cached(prefect_harness, small_config):
     assert {k for k, v in states.items() if v != "Cached"} == {
         "train-r1",
         "evaluate-r1",
-        "dashboard",
+        *NEVER_CACHED,
     }
 
     # Refreshing a deterministic stage rebuilds the same results: its TensorBoard events and
