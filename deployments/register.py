@@ -5,7 +5,9 @@
 `make serve` runs it after starting the server. It is the single source of the deployment
 definitions (see `deployments/README.md` for the table and the reasons) and it is idempotent:
 work pools that exist are left as they are, deployments are updated in place by name, and a
-schedule the user has switched on (or off) keeps that state when it is registered again.
+schedule the user has switched on (or off) keeps that state when it is registered again. The
+closed loop's automation (`LOOP_AUTOMATION`: on a round's `fire-mpo.loop.continue` event, run
+`fire-mpo/next-round`) is created or updated by name the same way, keeping its enabled state.
 
 Every deployment runs a module-path entrypoint from this checkout: its pull step
 `set_working_directory` (and, on the local pool, the process job's `working_dir`) is the
@@ -22,6 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -30,6 +33,8 @@ from prefect import get_client
 from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
 from prefect.client.schemas.objects import DeploymentSchedule
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.events.schemas.automations import AutomationCore
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 from prefect.runner.storage import LocalStorage
@@ -38,6 +43,7 @@ from prefect.utilities.annotations import freeze
 from prefect.workers.process import ProcessWorker
 
 from fire_mpo_core.config import STAGES
+from tasks.events import LOOP_CONTINUE
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW = "fire-mpo"  # every user-facing deployment belongs to this flow: `fire-mpo/<name>`
@@ -62,6 +68,31 @@ POOL_LIMITS = {GPU_POOL: 1}
 #: run at once across all flow runs of this server (FIRE_MPO_COMPUTE_LIMIT; created once, a
 #: value changed later in the UI or with `prefect concurrency-limit` is kept).
 COMPUTE_TAG = "compute"
+#: The closed loop: the automation that runs `fire-mpo/next-round` when a round's decision is
+#: `continue` (the decision, fire_mpo_core/loop/decide.py, already applies the config's margin,
+#: patience and max_rounds; tasks/events.py emits it at the end of a cycle run).
+LOOP_AUTOMATION = "fire-mpo: next round on improvement"
+LOOP_TRIGGER = DeploymentEventTrigger(
+    name=LOOP_AUTOMATION,
+    description="When a FiRe-MPO round's validation decision is `continue` (the headline metric "
+    "`loop.metric` improved by more than `loop.min_improvement`, fewer than `loop.patience` "
+    "rounds without improvement, below `loop.max_rounds`), run fire-mpo/next-round on the same "
+    "config, store and run. Disable it to stop the closed loop; next-round's nightly schedule "
+    "is the alternative.",
+    expect={LOOP_CONTINUE},
+    match={"prefect.resource.id": "fire-mpo.run.*"},
+    posture="Reactive",
+    threshold=1,
+    within=timedelta(0),
+    # Jinja over the triggering event (Prefect renders a single `{{ }}` to its JSON type):
+    # `after_round` makes a duplicate or stale event a no-op (flows/next_round.py).
+    parameters={
+        "config": "{{ event.payload.config }}",
+        "store": "{{ event.payload.store }}",
+        "run": "{{ event.payload.run }}",
+        "after_round": "{{ event.payload.round }}",
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +108,7 @@ class Spec:
     schedules: tuple[Schedule, ...] = ()
     tags: tuple[str, ...] = ()
     concurrency_limit: int | None = None
+    triggers: tuple[DeploymentEventTrigger, ...] = ()  # automations that run this deployment
 
 
 def specs() -> list[Spec]:
@@ -110,8 +142,11 @@ def specs() -> list[Spec]:
             entrypoint="flows.next_round.next_round_as_fire_mpo",
             description="Continue the run by one round: the full cycle with rounds = the "
             "highest finished `train` round in the store + 1 (all before it is cached). "
-            f"Schedule `{NEXT_ROUND_SLUG}` ({NEXT_ROUND_CRON} UTC) is off until switched on.",
+            f"Started by the automation `{LOOP_AUTOMATION}` when a round's decision is "
+            f"`continue`; schedule `{NEXT_ROUND_SLUG}` ({NEXT_ROUND_CRON} UTC) is off until "
+            "switched on.",
             schedules=(Cron(NEXT_ROUND_CRON, timezone="UTC", active=False, slug=NEXT_ROUND_SLUG),),
+            triggers=(LOOP_TRIGGER,),
             # Two rounds computed at once would both compute the same round: queue them.
             concurrency_limit=1,
             tags=("fire-mpo", "scheduled"),
@@ -271,7 +306,34 @@ def register(repo: Path = REPO, only: Sequence[str] | None = None) -> dict[str, 
         if only and spec.name not in only:
             continue
         ids[f"{FLOW}/{spec.name}"] = build(spec, repo).apply()
+        for trigger in spec.triggers:
+            ensure_automation(trigger, ids[f"{FLOW}/{spec.name}"])
     return ids
+
+
+def ensure_automation(trigger: DeploymentEventTrigger, deployment_id: UUID) -> UUID:
+    """Create or update (by name) the automation that runs `deployment_id` on `trigger`,
+    keeping the enabled state a user set in the UI; returns its id.
+
+    Not owned by the deployment (as `prefect deploy`'s triggers are): applying a deployment
+    deletes and recreates the automations it owns, which would reset that state every time.
+    """
+    trigger = trigger.model_copy(deep=True)
+    trigger.set_deployment_id(deployment_id)
+    # Without owner_resource (left unset: the API refuses the field in an update).
+    automation = AutomationCore(**trigger.as_automation().model_dump(exclude={"owner_resource"}))
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(automation.name)
+        if not existing:
+            return client.create_automation(automation)
+        # The API lists the most recently updated first. Copies (each would start its own run)
+        # go; one disabled copy means a user switched the loop off.
+        first, *copies = existing
+        automation.enabled = all(a.enabled for a in existing)
+        client.update_automation(first.id, automation)
+        for copy in copies:
+            client.delete_automation(copy.id)
+        return first.id
 
 
 def describe() -> str:
@@ -295,6 +357,10 @@ def describe() -> str:
                 f"  {FLOW}/{spec.name:<16} pool {dep.work_pool_name}"
                 + (f"  ({extra})" if extra else "")
             )
+            for trigger in spec.triggers:
+                found = client.read_automations_by_name(trigger.name)
+                state = ("enabled" if found[0].enabled else "DISABLED") if found else "missing"
+                lines.append(f"    automation {trigger.name!r}: {state}")
     return "\n".join(lines)
 
 
@@ -330,13 +396,19 @@ def prefect_yaml() -> str:
         }
         if spec.concurrency_limit is not None:
             dep["concurrency_limit"] = spec.concurrency_limit
+        if spec.triggers:
+            dep["triggers"] = [
+                {"type": "event", **t.model_dump(mode="json", exclude_unset=True)}
+                for t in spec.triggers
+            ]
         deployments.append(dep)
     head = (
         "# GENERATED by `python -m deployments.register --write-prefect-yaml` from\n"
         "# deployments/register.py (the source; `make serve` registers from it directly).\n"
         "# For `FIRE_MPO_REPO=$PWD prefect deploy --all` from the checkout. Differences: here\n"
         "# `stage` of stage-<name> is a default, not a fixed value, and a deploy resets the\n"
-        "# schedules' on/off state.\n"
+        "# schedules' on/off state and the loop automation's enabled state (a trigger here is\n"
+        "# owned by its deployment: each deploy recreates it).\n"
     )
     body = {
         "name": "fire-mpo",

@@ -55,10 +55,11 @@ from fire_mpo_core.training.config import ReferenceConfig
 from flows.cli import check_store, cycle_parser
 from flows.remote import run_remote, store_id
 from tasks import runs
-from tasks.common import StageCall, bind, publish_cached_summary
+from tasks.common import StageCall, run_stage_task
 from tasks.corrupt import corrupt
 from tasks.dashboard import dashboard
 from tasks.evaluate import evaluate
+from tasks.events import emit_loop_decision
 from tasks.judge import judge
 from tasks.prepare import prepare
 from tasks.promote import promote_round
@@ -186,11 +187,7 @@ class _Runner:
                 note = runs.explain_wait()
                 if note:
                     get_run_logger().warning(f"{stage}-r{round_}: {note}")
-            state = bind(task, self.cfg.store)(call, return_state=True)
-            path = state.result()
-            if state.name == "Cached":  # the task function did not run: table from here
-                publish_cached_summary(call, path)
-            return path
+            return run_stage_task(task, call)
         return str(out) if is_finished(out) else None
 
 
@@ -311,6 +308,22 @@ def report(evaluation: str | None) -> str | None:
     return metrics
 
 
+def announce_decision(
+    cfg: CycleConfig, runner: _Runner, config: str, evaluation: str | None
+) -> None:
+    """The loop's decision on the last round this run evaluated, logged and emitted as
+    `fire-mpo.loop.continue` / `fire-mpo.loop.stop` (tasks/events.py): on `continue` the
+    automation registered by deployments/register.py runs `fire-mpo/next-round`. Only when
+    the run evaluated that round itself: a `--stages` run without `evaluate` decides nothing."""
+    if evaluation is None or not runner.is_selected("evaluate", cfg.rounds):
+        return
+    decision = emit_loop_decision(cfg.run, cfg.store, config, evaluation)
+    if decision is not None:
+        get_run_logger().info(
+            f"Loop after round {decision['round']}: {decision['action']} ({decision['reason']})"
+        )
+
+
 @flow(name="fire-mpo")
 def fire_mpo(
     config: str = "configs/default.yaml",
@@ -327,6 +340,7 @@ def fire_mpo(
     runner = _Runner(cfg, refresh, config_path=config)
     evaluation = run_cycle(cfg, runner, runner.promote)
     publish_dashboard(cfg, runner)
+    announce_decision(cfg, runner, config, evaluation)
     return report(evaluation)
 
 

@@ -28,7 +28,14 @@ from pydantic import Field
 
 from fire_mpo_core.config import load_config
 from fire_mpo_core.store import ArtifactStore
-from flows.full_cycle import _Runner, load_cycle_config, publish_dashboard, report, run_cycle
+from flows.full_cycle import (
+    _Runner,
+    announce_decision,
+    load_cycle_config,
+    publish_dashboard,
+    report,
+    run_cycle,
+)
 from flows.stage import RUN_PATTERN
 
 
@@ -43,6 +50,7 @@ def next_round(
     store: str | None = None,
     run: Annotated[str, Field(pattern=RUN_PATTERN)] | None = None,
     refresh: bool = False,
+    after_round: Annotated[int, Field(ge=0)] | None = None,
 ) -> str | None:
     """Run the full cycle with one round more than the store holds; returns metrics.json.
 
@@ -51,9 +59,18 @@ def next_round(
         store: Override the artifact store folder of the config.
         run: Override the run name of the config.
         refresh: Recompute every stage, not only the new round's.
+        after_round: Set by the loop's automation: the round whose `continue` decision asked
+            for this run. When the store holds another number of trained rounds (a duplicate
+            or stale event: another run already took that step), nothing is run.
     """
     cfg = load_cycle_config(config, store=store, run=run)
     done = rounds_done(cfg.store, cfg.run)
+    if after_round is not None and after_round != done:
+        get_run_logger().warning(
+            f"Run {cfg.run!r} in {cfg.store}: asked to continue after round {after_round}, "
+            f"but {done} round(s) are trained: that step was taken already, nothing to do"
+        )
+        return None
     if done >= cfg.loop.max_rounds:
         get_run_logger().warning(
             f"Run {cfg.run!r} in {cfg.store}: {done} round(s) done, loop.max_rounds is "
@@ -67,6 +84,7 @@ def next_round(
     runner = _Runner(cfg, refresh, config_path=config)
     evaluation = run_cycle(cfg, runner, runner.promote)
     publish_dashboard(cfg, runner)
+    announce_decision(cfg, runner, config, evaluation)
     return report(evaluation)
 
 

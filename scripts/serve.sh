@@ -124,6 +124,9 @@ FiRe-MPO is served.
               prefect deployment run fire-mpo/full-cycle -p config=configs/default.yaml -p rounds=2
               prefect deployment run fire-mpo/stage-evaluate --watch     (one stage, inputs from the store)
               prefect deployment run fire-mpo/next-round --watch         (one more round)
+  Loop:       a round whose validation decision is "continue" starts fire-mpo/next-round by
+              itself (automation "fire-mpo: next round on improvement", dashboard -> Automations;
+              prefect automation pause "fire-mpo: next round on improvement" to switch it off)
   Schedule:   next-round's nightly schedule is off: switch it on in the dashboard (Deployments ->
               next-round) or: prefect deployment schedule ls fire-mpo/next-round
                               prefect deployment schedule resume fire-mpo/next-round <ID>

@@ -9,6 +9,11 @@ Caching: Prefect's cache key is the store's content key (input content digests +
 code version, the digest of the task module's import closure: fire_mpo_core.code_version). If
 that output folder is missing or unfinished, the stale cache record is forgotten first, so
 deleting an artifact reruns the stage.
+
+Events and lineage (tasks/events.py): every stage emits `fire-mpo.stage.completed`, computed
+(here, in the task) or Cached (:func:`publish_cached_summary`, from the flow), and each task is a
+`MaterializingTask` whose output folder is a Prefect asset with its input folders upstream
+(:func:`for_call` sets both per call).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -33,7 +38,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
-from prefect.tasks import Task
+from prefect.tasks import MaterializingTask, Task
 from pydantic import BaseModel, ConfigDict, Field
 
 from fire_mpo_core.code_version import code_version
@@ -50,6 +55,7 @@ from fire_mpo_core.store import (
     read_manifest,
     stage_key,
 )
+from tasks import events
 
 CACHE_DIR = "_prefect"  # inside the store root: Prefect's cache records and results
 
@@ -169,14 +175,19 @@ def stage_task(
             max_reject_fraction=call.config.get("max_reject_fraction"),
         )
         publish_summary(call, res)
+        events.describe_materialization(res)
+        events.emit_stage_events(call, res)
         warn_rejects(call, res)
         return str(res.path)
 
     run.__name__ = f"stage_{stage}"
     run.__qualname__ = run.__name__
     run.__module__ = body.__module__
-    return task(
+    # No asset until a call names its folder (for_call): without one it runs as a plain task.
+    return MaterializingTask(
         run,
+        assets=[],
+        materialized_by="fire-mpo",
         name=stage,
         task_run_name=f"{stage}-r{{call.round}}",
         cache_policy=StageCachePolicy(code=code),
@@ -200,6 +211,26 @@ def bind(t: Task[[StageCall], str], store: Path) -> Task[[StageCall], str]:
         cache_policy=policy.configure(key_storage=cache_dir / "keys"),
         result_storage=cache_dir / "results",
     )
+
+
+def for_call(t: Task[[StageCall], str], call: StageCall) -> Task[[StageCall], str]:
+    """The stage task bound to the call's store (:func:`bind`) and materialising the call's
+    output folder as a Prefect asset, its input folders as upstream assets."""
+    bound = bind(t, call.store)
+    out, upstream = events.stage_assets(call, call.output_dir(t.cache_policy.code))
+    if out is None or not isinstance(bound, MaterializingTask):
+        return bound
+    return bound.with_options(assets=[out], asset_deps=upstream)
+
+
+def run_stage_task(t: Task[[StageCall], str], call: StageCall) -> str:
+    """Run a stage task in the current flow (:func:`for_call`) and return its output folder;
+    for a Cached run (its function did not run) publish its table and events from here."""
+    state = for_call(t, call)(call, return_state=True)
+    path = state.result()
+    if state.name == "Cached":
+        publish_cached_summary(call, path)
+    return path
 
 
 def publish_summary(call: StageCall, res: StageResult) -> None:
@@ -227,10 +258,12 @@ def publish_summary(call: StageCall, res: StageResult) -> None:
 
 
 def publish_cached_summary(call: StageCall, path: str) -> None:
-    """The stage table for a stage Prefect served from its cache (its function did not run,
-    so it published nothing): the same table, from the finished folder's manifest."""
+    """The stage table and events for a stage Prefect served from its cache (its function did
+    not run, so it published nothing): the same table, from the finished folder's manifest."""
     m = read_manifest(Path(path))
-    publish_summary(call, StageResult(Path(path), m["key"], True, m))
+    res = StageResult(Path(path), m["key"], True, m)
+    publish_summary(call, res)
+    events.emit_stage_events(call, res)
 
 
 def warn_rejects(call: StageCall, res: StageResult) -> None:

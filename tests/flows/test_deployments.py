@@ -37,6 +37,8 @@ from prefect.utilities.callables import parameter_schema
 from deployments.register import (
     GPU_POOL,
     GPU_REPO_ENV,
+    LOOP_AUTOMATION,
+    LOOP_TRIGGER,
     NEXT_ROUND_SLUG,
     POOL,
     REPO,
@@ -51,6 +53,7 @@ from flows.next_round import next_round, rounds_done
 from flows.remote import check_shared_store
 from flows.stage import main as stage_main
 from flows.stage import rerun_stage, target_round
+from tasks.events import LOOP_CONTINUE
 from testing_support.flow_runs import (
     ALL_RUNS,
     CACHED_RUN,
@@ -205,6 +208,65 @@ def test_next_round_schedule_is_declared_inactive_and_user_changes_survive(regis
                 client.delete_deployment_schedule(full.id, s.id)
 
 
+def _next_round_runs(deployment_id, timeout_s: float = 0.0) -> list:
+    """The flow runs of next-round, polled until there is one or `timeout_s` passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+        if runs or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def test_loop_automation_starts_next_round_from_the_event_and_keeps_user_state(
+    registered, tmp_path
+):
+    """The closed loop's automation, created by `register`: a `fire-mpo.loop.continue` event
+    makes the server itself create a next-round run with parameters rendered from the event;
+    registering again keeps a user's disabled state and removes copies (each would start its
+    own run)."""
+    from prefect.events import emit_event
+    from prefect.events.schemas.automations import AutomationCore
+
+    nxt = _read("fire-mpo/next-round")
+    with get_client(sync_client=True) as client:
+        (auto,) = client.read_automations_by_name(LOOP_AUTOMATION)
+    assert auto.enabled and auto.trigger.expect == {LOOP_CONTINUE}
+    (action,) = auto.actions
+    assert action.type == "run-deployment" and action.deployment_id == nxt.id
+    assert auto.owner_resource is None  # not deleted when the deployment is applied again
+    assert not _next_round_runs(nxt.id)
+
+    payload = {"run": "lp", "store": str(tmp_path / "store"), "config": "/x/loop.yaml", "round": 3}
+    emit_event(
+        LOOP_CONTINUE, resource={"prefect.resource.id": "fire-mpo.run.lp.round.3"}, payload=payload
+    )
+    runs = _next_round_runs(nxt.id, timeout_s=60)
+    assert len(runs) == 1, "the automation did not start next-round within 60 s"
+    assert runs[0].parameters == {
+        "config": "/x/loop.yaml",
+        "store": str(tmp_path / "store"),
+        "run": "lp",
+        "after_round": 3,  # an int: a single `{{ }}` renders to the value's JSON type
+    }
+    with get_client(sync_client=True) as client:
+        client.delete_flow_run(runs[0].id)  # no worker here: it would stay Scheduled
+        client.pause_automation(auto.id)  # a user disables it in the UI...
+    register(only=["next-round"])  # ...and `make serve` registers again
+    with get_client(sync_client=True) as client:
+        (kept,) = client.read_automations_by_name(LOOP_AUTOMATION)
+        assert kept.id == auto.id and kept.enabled is False
+        client.create_automation(AutomationCore(**auto.model_dump(exclude={"id"})))  # a copy
+    register(only=["next-round"])
+    with get_client(sync_client=True) as client:
+        (kept,) = client.read_automations_by_name(LOOP_AUTOMATION)
+    # Still disabled (and left so: later tests' loop events start nothing on this server).
+    assert kept.enabled is False
+
+
 def _finished(store: ArtifactStore, run: str, round_: int, stage: str) -> None:
     """A finished (empty) stage output, as a stage task would leave it."""
     store.run_stage(
@@ -321,7 +383,10 @@ class Served:
         self.api = f"{self.url}/api"
         self.run_env = {**env, "PREFECT_API_URL": self.api}
         self.cfg = tmp / "small.yaml"
-        self.cfg.write_text(yaml.safe_dump({**SMALL, "store": str(tmp / "store")}))
+        # loop.max_rounds 1: round 1 decides `stop`, so the loop's automation adds no round
+        # to these tests' runs (tests/flows/test_loop_served.py drives the loop).
+        small = {**SMALL, "store": str(tmp / "store"), "loop": {"max_rounds": 1}}
+        self.cfg.write_text(yaml.safe_dump(small))
         self.timings: dict[str, float] = {}
         self.runs: dict[str, str] = {}
         self.pids: dict[str, int] = {}
@@ -491,6 +556,12 @@ def test_prefect_yaml_is_generated_from_the_specs():
     assert {f"fire-mpo/{d['name']}" for d in deps} == EXPECTED
     for d in deps:  # what `prefect deploy` imports: the flow named fire-mpo
         assert load_flow_from_entrypoint(d["entrypoint"]).name == "fire-mpo"
+    # The loop's trigger as `prefect deploy` parses it: the automation `register` creates.
+    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
+
+    (nxt,) = [d for d in deps if d["name"] == "next-round"]
+    (trigger,) = _initialize_deployment_triggers("next-round", nxt["triggers"])
+    assert trigger.model_dump() == LOOP_TRIGGER.model_dump()
 
 
 def test_store_id_is_created_once_and_checked(tmp_path):
