@@ -239,6 +239,21 @@ def usage_counts(parts: Iterable[tuple[LLMUsage, OpenAIEndpointConfig]]) -> dict
     return total.as_counts(None if cost is None else round(cost, 6))
 
 
+def add_counts(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`usage_counts` rows of several runs (e.g. evaluate's two passes) added key by key;
+    a value that is None in any part (a cost without prices) stays None."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            if k not in out:
+                out[k] = v
+            elif out[k] is None or v is None:
+                out[k] = None
+            else:
+                out[k] = round(out[k] + v, 6)
+    return out
+
+
 # --------------------------------------------------------------------------- retry policy
 
 

@@ -115,7 +115,12 @@ class _Runner:
         if train is None or evaluation is None:
             return
         self.loop[round_] = promote_round(
-            str(self.cfg.store), self.cfg.run, round_, train, evaluation, self.cfg.loop.metric
+            str(self.cfg.store),
+            self.cfg.run,
+            round_,
+            train,
+            evaluation,
+            self.cfg.loop.model_dump(mode="json"),
         )
 
     def is_selected(self, stage: StageName, round_: int) -> bool:
@@ -230,8 +235,7 @@ def run_cycle(
     section = lambda name: getattr(cfg, name).model_dump(mode="json")  # noqa: E731
     # The reference pass depends only on what scoring needs (max_length, dtype...), not on lr.
     ref_cfg = ReferenceConfig.for_training(cfg.train).model_dump(mode="json")
-    # evaluate writes decision.json, so it keys on the fields the decision reads.
-    eval_cfg = {"evaluate": section("evaluate"), "dtype": dtype, "loop": cfg.loop.decision_config()}
+    eval_cfg = {"evaluate": section("evaluate"), "dtype": dtype}
 
     prep = {"data": section("data"), "model": section("model")}
     if cfg.data.path is not None:  # a real dataset: its files are an input of the key too
@@ -311,17 +315,15 @@ def report(evaluation: str | None) -> str | None:
 def announce_decision(
     cfg: CycleConfig, runner: _Runner, config: str, evaluation: str | None
 ) -> None:
-    """The loop's decision on the last round this run evaluated, logged and emitted as
-    `fire-mpo.loop.continue` / `fire-mpo.loop.stop` (tasks/events.py): on `continue` the
+    """The loop's decision on the last round this run evaluated (made and logged by its promote
+    task) emitted as `fire-mpo.loop.continue` / `fire-mpo.loop.stop` (tasks/events.py): on
+    `continue` the
     automation registered by deployments/register.py runs `fire-mpo/next-round`. Only when
     the run evaluated that round itself: a `--stages` run without `evaluate` decides nothing."""
-    if evaluation is None or not runner.is_selected("evaluate", cfg.rounds):
+    decided = runner.loop.get(cfg.rounds)
+    if evaluation is None or decided is None or not runner.is_selected("evaluate", cfg.rounds):
         return
-    decision = emit_loop_decision(cfg.run, cfg.store, config, evaluation)
-    if decision is not None:
-        get_run_logger().info(
-            f"Loop after round {decision['round']}: {decision['action']} ({decision['reason']})"
-        )
+    emit_loop_decision(cfg.run, cfg.store, config, decided["decision"], evaluation)
 
 
 @flow(name="fire-mpo")

@@ -6,9 +6,9 @@ Metrics are listed in `fire_mpo_core.evaluation.vqa`; with grounding on, the fol
 `history.jsonl` is extended so the report tracks every round.
 
 The selection pass (`evaluate.selection_split`, val) writes `val_metrics.json` (rows under
-`val/`); history rows carry its headline metrics as `val_<name>`, and `decision.json` is the
-loop's continue / stop decision over them (`fire_mpo_core.loop.decide`, config `loop`: the
-stage keys on the decision's fields). Decisions never read the test split.
+`val/`); history rows carry its ranking metrics as `val_<name>`. The loop decides on those
+values after the stage (tasks/promote.py, never cached), so this stage keys on no loop
+setting. Decisions never read the test split.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
-from fire_mpo_core.evaluation.config import EvaluateConfig
+from fire_mpo_core.evaluation.config import SELECTION_METRICS, EvaluateConfig
 from fire_mpo_core.evaluation.vqa import evaluate_with_selection
-from fire_mpo_core.loop.config import LoopConfig
-from fire_mpo_core.loop.decide import VAL_PREFIX, LoopDecision, decide, scores_from_history
+from fire_mpo_core.loop.decide import HISTORY, VAL_PREFIX
+from fire_mpo_core.openai_client import add_counts
 from fire_mpo_core.policy import read_policy
 from fire_mpo_core.store import StageWriter
 from tasks.common import StageCall, artifact_key, stage_task
@@ -47,11 +47,9 @@ def _in_store(path: Path, store: Path) -> str:
     return path.relative_to(store).as_posix() if path.is_relative_to(store) else str(path)
 
 
-DECISION_FILE = "decision.json"
-
-
 def body(call: StageCall, w: StageWriter) -> dict:
     cfg = EvaluateConfig.model_validate(call.config["evaluate"])
+    used: list[dict] = []  # the endpoints' llm_* counts of each pass (judge / GREEN, if any)
     metrics, val = evaluate_with_selection(
         read_policy(call.inputs["policy"]),
         call.inputs["prepare"],
@@ -59,13 +57,11 @@ def body(call: StageCall, w: StageWriter) -> dict:
         w.path,
         dtype=call.config["dtype"],
         on_reject=w.reject,
+        on_usage=used.append,
     )
-    loop = LoopConfig.model_validate(call.config.get("loop", {}))
-    history = _history(call, metrics, val, loop.metric)
-    (w.path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    decision = decide(scores_from_history(history, loop.metric), loop)
-    (w.path / DECISION_FILE).write_text(decision.model_dump_json(indent=2) + "\n")
-    report = _report(call, cfg, history, metrics, decision)
+    history = _history(call, metrics, val)
+    (w.path / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
+    report = _report(call, cfg, history, metrics)
     (w.path / "report.md").write_text(report)
     create_markdown_artifact(
         report,
@@ -73,29 +69,26 @@ def body(call: StageCall, w: StageWriter) -> dict:
         description=f"Evaluation of round {call.round}",
     )
     counts = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    if decision.value is not None:  # the dashboard table shows the deciding value too
-        counts[VAL_PREFIX + loop.metric] = decision.value
-    return counts
+    counts |= {k: v for k, v in history[-1].items() if k.startswith(VAL_PREFIX) and v is not None}
+    return counts | add_counts(used)  # no endpoint: no llm_* rows
 
 
-def _history(call: StageCall, metrics: dict, val: dict | None, metric: str) -> list[dict]:
+def _history(call: StageCall, metrics: dict, val: dict | None) -> list[dict]:
     """The previous evaluation's history.jsonl rows plus this round's: the headline test
-    metrics as they always were, and the selection pass's as `val_<name>` (the loop's metric
-    too when it is not a headline)."""
+    metrics as they always were, and the selection pass's ranking metrics as `val_<name>`
+    (whichever `loop.metric` names)."""
     history = []
     if "previous" in call.inputs:
-        history = [json.loads(x) for x in (call.inputs["previous"] / "history.jsonl").open()]
+        history = [json.loads(x) for x in (call.inputs["previous"] / HISTORY).open()]
     row = {"round": call.round, **{k: metrics.get(k) for k in HEADLINE}}
     if val is not None:
-        row |= {VAL_PREFIX + k: val.get(k) for k in dict.fromkeys((*HEADLINE, metric))}
+        row |= {VAL_PREFIX + k: val.get(k) for k in dict.fromkeys((*HEADLINE, *SELECTION_METRICS))}
     return [*history, row]
 
 
-def _report(
-    call: StageCall, cfg: EvaluateConfig, history: list[dict], metrics: dict, d: LoopDecision
-) -> str:
-    """report.md: metrics by round (test; validation where measured), the loop's decision and
-    every metric of this round."""
+def _report(call: StageCall, cfg: EvaluateConfig, history: list[dict], metrics: dict) -> str:
+    """report.md: metrics by round (test; validation where measured) and every metric of this
+    round."""
     keys = (
         "round",
         *HEADLINE,
@@ -112,7 +105,6 @@ def _report(
         f"Split `{cfg.split}`; policy `{_in_store(call.inputs['policy'], call.store)}`.\n\n"
         f"## Across rounds (round 0 = SFT base)\n\n| {' | '.join(keys)} |\n"
         f"|{'---|' * len(keys)}\n{rounds}\n\n"
-        f"## Loop decision (validation `{d.metric}`)\n\n**{d.action}**: {d.reason}.\n\n"
         f"## All metrics, round {call.round}\n\n| metric | value |\n|---|---|\n{rows}\n"
     )
 

@@ -9,10 +9,11 @@ they came from as related resources):
   `.key`, `.store`, `.config`; payload: the manifest's counts, `cached`, `seconds`, the output
   asset and the input assets.
 - `fire-mpo.round.evaluated`, from `evaluate` as well: resource `fire-mpo.run.<run>.round.<k>`;
-  payload: the round's validation metrics (`val_metrics.json`), their change against the
-  previous round's, and the round's loop decision (`decision.json`).
+  payload: the round's validation metrics (`val_metrics.json`) and their change against the
+  previous round's.
 - `fire-mpo.loop.continue` / `fire-mpo.loop.stop`, once at the end of a cycle run, for the last
-  round it evaluated (:func:`emit_loop_decision`): the decision and its reason, plus the
+  round it evaluated (:func:`emit_loop_decision`): the decision its promote task made
+  (`fire_mpo_core.loop.decide.decide_after`) and its reason, plus the
   `config`, `store` and `run` that `fire-mpo/next-round` needs; the automation registered by
   `deployments/register.py` runs that deployment on `continue`.
 
@@ -61,9 +62,8 @@ STAGE_COMPLETED = "fire-mpo.stage.completed"
 ROUND_EVALUATED = "fire-mpo.round.evaluated"
 LOOP_CONTINUE = "fire-mpo.loop.continue"
 LOOP_STOP = "fire-mpo.loop.stop"
-#: Files the evaluate stage writes for the loop (branch `loop`: fire_mpo_core/loop).
+#: What the evaluate stage writes for the loop, and the promoted round (fire_mpo_core/loop).
 VAL_METRICS = "val_metrics.json"
-DECISION = "decision.json"
 BEST = "best.json"  # <store>/<run>/best.json: the promoted round
 
 log = logging.getLogger("fire_mpo.events")
@@ -220,24 +220,22 @@ def emit_round_evaluated(call: StageCall, folder: Path) -> None:
             "round": call.round,
             "val_metrics": val,
             "change": metric_changes(val, before),
-            "decision": read_json(folder / DECISION),
         },
     )
 
 
 def emit_loop_decision(
-    run: str, store: Path, config: str, evaluation: str | Path
-) -> dict[str, Any] | None:
-    """`fire-mpo.loop.continue` or `fire-mpo.loop.stop` with the decision of the round that
-    `evaluation` (an evaluate folder) scored; returns that decision (None: the folder holds no
-    `decision.json`, nothing is emitted). The payload carries what `fire-mpo/next-round`
-    needs: `config` (absolute), `store`, `run` and `round` (its `after_round`)."""
-    decision = read_json(Path(evaluation) / DECISION)
-    if decision is None or not in_run():
-        return decision
+    run: str, store: Path, config: str, decision: Mapping[str, Any], evaluation: str | Path
+) -> None:
+    """`fire-mpo.loop.continue` or `fire-mpo.loop.stop` with ``decision`` (a LoopDecision as
+    JSON) on the round that `evaluation` (an evaluate folder) scored. The payload carries what
+    `fire-mpo/next-round` needs: `config` (absolute), `store`, `run` and `round` (its
+    `after_round`). Nothing is emitted outside a run."""
+    if not in_run():
+        return
     action = decision["action"]
     if action not in ("continue", "stop"):
-        raise ValueError(f"{Path(evaluation) / DECISION}: action {action!r} is not continue/stop")
+        raise ValueError(f"loop decision of round {decision['round']}: action {action!r}")
     store = Path(store).resolve()
     best = read_json(store / run / BEST)
     related = [
@@ -260,8 +258,7 @@ def emit_loop_decision(
             "config": str(Path(config).resolve()),
             "round": decision["round"],
             "reason": decision.get("reason"),
-            "decision": decision,
+            "decision": dict(decision),
             "best": best,
         },
     )
-    return decision

@@ -123,7 +123,9 @@ def _cycle(config_path: Path | str, build) -> str | None:
 
     def promote(k, train, evaluation):  # the flow's promote step, its task's own function
         if train is not None and evaluation is not None:
-            promote_round.fn(str(cfg.store), cfg.run, k, train, evaluation, cfg.loop.metric)
+            promote_round.fn(
+                str(cfg.store), cfg.run, k, train, evaluation, cfg.loop.model_dump(mode="json")
+            )
 
     return fc.run_cycle(cfg, runner, promote)
 

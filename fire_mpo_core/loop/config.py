@@ -19,10 +19,6 @@ from pydantic import Field, field_validator
 from fire_mpo_core.evaluation.config import SELECTION_METRICS
 from fire_mpo_core.schema import StrictConfig
 
-#: The LoopConfig fields the continue / stop decision reads (the evaluate stage keys on them,
-#: since it writes decision.json); `reference` changes the policy instead.
-DECISION_FIELDS = ("metric", "min_improvement", "patience", "max_rounds")
-
 
 class LoopConfig(StrictConfig):
     """Reference policy per round and the continue / stop rule of the on-policy loop."""
@@ -58,7 +54,3 @@ class LoopConfig(StrictConfig):
             raise ValueError(f"metric {v!r} is not a ranking metric of evaluate; known: "
                              f"{sorted(SELECTION_METRICS)}")  # fmt: skip
         return v
-
-    def decision_config(self) -> dict:
-        """The fields the decision reads, as the evaluate stage's config records them."""
-        return self.model_dump(mode="json", include=set(DECISION_FIELDS))

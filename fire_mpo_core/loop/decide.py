@@ -18,11 +18,20 @@ The last entry of ``history`` is the round being decided; round 0 is the SFT bas
 
 The best round is the highest value, the earliest on ties (a later round must beat it
 strictly), which is also the promotion rule of :mod:`fire_mpo_core.loop.promote`.
+
+The decision is made after each round's evaluation, never cached, by the promote step
+(:func:`decide_after`): the evaluation stores values only (``history.jsonl``), so changing
+``patience``, ``min_improvement`` or ``max_rounds`` re-evaluates nothing and applies at once.
+:func:`record_decision` keeps each decision at ``<store>/<run>/decisions/round-<k>.json``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,7 +52,7 @@ class RoundScore(BaseModel):
 
 
 class LoopDecision(BaseModel):
-    """What the loop does after a round, and why (``decision.json`` in the evaluate folder)."""
+    """What the loop does after a round, and why (``<store>/<run>/decisions/round-<k>.json``)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -152,3 +161,25 @@ def scores_from_history(
         v = row.get(prefix + metric)
         out.append(RoundScore(round=int(row["round"]), value=None if v is None else float(v)))
     return out
+
+
+HISTORY = "history.jsonl"  # in each evaluate folder: every round so far, `val_<name>` keys too
+DECISIONS = "decisions"  # <store>/<run>/decisions/round-<k>.json
+
+
+def decide_after(evaluate_dir: Path, cfg: LoopConfig) -> LoopDecision:
+    """The decision after the round ``evaluate_dir`` evaluated, over its ``history.jsonl``."""
+    rows = [json.loads(x) for x in (Path(evaluate_dir) / HISTORY).open() if x.strip()]
+    return decide(scores_from_history(rows, cfg.metric), cfg)
+
+
+def record_decision(store: Path, run: str, decision: LoopDecision) -> Path:
+    """Write ``decision`` to ``<store>/<run>/decisions/round-<k>.json`` (atomically: a
+    temporary file, then a rename); a later decision on the same round replaces it."""
+    folder = Path(store) / run / DECISIONS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round-{decision.round}.json"
+    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(decision.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

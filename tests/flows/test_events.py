@@ -38,10 +38,10 @@ def judge_flow(call: StageCall, config: str) -> str:
 
 
 @flow(name="events-evaluate")
-def evaluated_flow(call: StageCall, folder: str, config: str) -> None:
+def evaluated_flow(call: StageCall, folder: str, config: str, decision: dict) -> None:
     """A finished evaluation as the runner publishes a Cached one, then the loop's event."""
     publish_cached_summary(call, folder)
-    emit_loop_decision(call.run, call.store, config, folder)
+    emit_loop_decision(call.run, call.store, config, decision, folder)
 
 
 def _judge_call(tmp_path: Path, run: str) -> StageCall:
@@ -102,11 +102,9 @@ def test_stage_events_and_lineage_computed_then_cached(prefect_harness, tmp_path
     assert mats[0].resource.get("prefect.resource.name") == "ev round 1 judge"
 
 
-def _evaluation(store: ArtifactStore, val: dict, decision: dict | None) -> Path:
+def _evaluation(store: ArtifactStore, val: dict) -> Path:
     def build(w) -> None:
         (w.path / "val_metrics.json").write_text(json.dumps(val))
-        if decision is not None:
-            (w.path / "decision.json").write_text(json.dumps(decision))
 
     return store.run_stage(
         run="lp", round_=0, stage="evaluate", config=val, inputs={}, code="t", fn=build
@@ -120,8 +118,8 @@ def test_round_evaluated_and_loop_decision_events(prefect_harness, tmp_path):
     decision = decide(
         [RoundScore(round=0, value=0.25), RoundScore(round=1, value=0.5)], LoopConfig()
     )
-    previous = _evaluation(store, r0, None)
-    folder = _evaluation(store, r1, decision.model_dump())
+    previous = _evaluation(store, r0)
+    folder = _evaluation(store, r1)
     call = StageCall(
         store=store.root,
         run="lp",
@@ -131,7 +129,7 @@ def test_round_evaluated_and_loop_decision_events(prefect_harness, tmp_path):
         inputs={"previous": previous},
     )
     since = _now()
-    evaluated_flow(call, str(folder), "loop.yaml")
+    evaluated_flow(call, str(folder), "loop.yaml", decision.model_dump(mode="json"))
 
     (ev,) = wait_for_events([ROUND_EVALUATED], since, until=lambda e: len(e) >= 1)
     assert ev.resource.id == "fire-mpo.run.lp.round.1"
@@ -142,7 +140,6 @@ def test_round_evaluated_and_loop_decision_events(prefect_harness, tmp_path):
         "closed_accuracy": -0.125,
         "closed_accuracy_n": 0,
     }
-    assert ev.payload["decision"] == decision.model_dump()
 
     (loop,) = wait_for_events([LOOP_CONTINUE], since, until=lambda e: len(e) >= 1)
     assert decision.action == "continue" and decision.improved

@@ -162,11 +162,29 @@ def test_evaluate_writes_validation_metrics_and_the_decision(cycles):
     assert [h["round"] for h in history] == [0, 1, 2]
     assert history[-1]["val_grounded_accuracy"] == val["grounded_accuracy"]
     assert history[-1]["grounded_accuracy"] == test["grounded_accuracy"]
-    decision = LoopDecision.model_validate_json((ev / "decision.json").read_text())
+    # The decision is the promote step's, over this history, recorded beside `best`; the
+    # evaluation keys on no loop setting (changing patience or max_rounds re-evaluates nothing).
+    recorded = cycles["store"] / "fam" / "decisions" / "round-2.json"
+    decision = LoopDecision.model_validate_json(recorded.read_text())
     assert decision == decide(scores_from_history(history, "grounded_accuracy"), LoopConfig(**LOOP))
     assert decision.round == 2 and decision.action == "stop"  # max_rounds 2
     assert decision.reason.endswith("reached max_rounds 2")
-    assert read_manifest(ev)["config"]["loop"] == LoopConfig(**LOOP).decision_config()
+    assert "loop" not in read_manifest(ev)["config"] and not (ev / "decision.json").exists()
+
+
+def test_changing_the_loop_rule_reevaluates_nothing(cycles, tmp_path):
+    """A new patience / margin / max_rounds reuses every evaluation (cached) and the promote
+    step decides again over the same values."""
+    store = cycles["store"]
+    cfg = yaml.safe_load(cycles["previous_round"]["config"].read_text())
+    cfg["loop"] |= {"patience": 3, "min_improvement": 0.5, "max_rounds": 4}
+    path = tmp_path / "rule.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_cycle_direct(path) == cycles["previous_round"]["evaluate2"]  # same folder
+    decision = LoopDecision.model_validate_json(
+        (store / "fam" / "decisions" / "round-2.json").read_text()
+    )
+    assert decision.action == "continue" and "patience" in decision.reason  # 1 or 2 of 3 used
 
 
 def test_best_round_is_promoted_with_a_loadable_adapter_and_its_card(cycles):
