@@ -112,26 +112,9 @@ def reclaim(tag: str = COMPUTE, log: Any = None) -> dict[str, int]:
     Returns counts: `crashed` flow runs, `released` leases, `orphans` (slots without a lease).
     """
     say = log.warning if log is not None else (lambda _m: None)
-    out = {"crashed": 0, "released": 0, "orphans": 0}
     with get_client(sync_client=True) as client:
-        dead: set[UUID] = set()
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=LIVE))
-            ),
-            limit=200,
-        )
-        for run in runs:
-            if process_is_gone(run.infrastructure_pid):
-                dead.add(run.id)
-                why = f"its process {run.infrastructure_pid} is gone (killed)"
-                # The server frees the concurrency slots of a task run that turns Crashed.
-                names = ", ".join(repr(n) for n in _crash(client, run.id, why)) or "none"
-                say(
-                    f"Flow run {run.name!r} ({run.id}), left Running by a killed process: "
-                    f"Crashed, with its unfinished task runs ({names}), freeing their slots"
-                )
-                out["crashed"] += 1
+        dead = _crash_dead_runs(client, say)
+        out = {"crashed": len(dead), "released": 0, "orphans": 0}
         try:
             limit = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
         except ObjectNotFound:
@@ -139,22 +122,7 @@ def reclaim(tag: str = COMPUTE, log: Any = None) -> dict[str, int]:
         storage = _local_lease_storage()
         if storage is None:
             return out  # a server with leases in its memory: its repossessor frees them
-        now = datetime.now(UTC)
-        leases = run_coro_as_sync(_leases_for(storage, limit.id)) or []
-        held = 0
-        for lease in leases:
-            holder = lease.metadata.holder if lease.metadata else None
-            why = None
-            if lease.expiration <= now:
-                why = "its lease expired (not renewed: the holder is gone)"
-            elif holder is not None and holder.type == "task_run":
-                why = _dead_holder(client, holder.id, dead)
-            if why is None:
-                held += lease.metadata.slots if lease.metadata else 0
-                continue
-            client.release_concurrency_slots_with_lease(lease.id)
-            say(f"Released the {tag!r} slot held by task run {_holder_name(client, holder)}: {why}")
-            out["released"] += 1
+        out["released"], held = _release_dead_leases(client, storage, limit.id, tag, dead, say)
         # Slots counted in the database but held by no lease: the in-memory leases of a killed
         # temporary API (before leases were kept on disk). Only safe to free on our own
         # temporary API, whose leases are certainly all in the storage just read.
@@ -165,6 +133,51 @@ def reclaim(tag: str = COMPUTE, log: Any = None) -> dict[str, int]:
             say(f"Released {orphans} {tag!r} slot(s) that no live run holds (a killed run's)")
             out["orphans"] = orphans
     return out
+
+
+def _crash_dead_runs(client: Any, say: Any) -> set[UUID]:
+    """Mark Crashed every live flow run whose process is gone; their ids."""
+    dead: set[UUID] = set()
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=LIVE))
+        ),
+        limit=200,
+    )
+    for run in runs:
+        if process_is_gone(run.infrastructure_pid):
+            dead.add(run.id)
+            why = f"its process {run.infrastructure_pid} is gone (killed)"
+            # The server frees the concurrency slots of a task run that turns Crashed.
+            names = ", ".join(repr(n) for n in _crash(client, run.id, why)) or "none"
+            say(
+                f"Flow run {run.name!r} ({run.id}), left Running by a killed process: "
+                f"Crashed, with its unfinished task runs ({names}), freeing their slots"
+            )
+    return dead
+
+
+def _release_dead_leases(
+    client: Any, storage: Any, limit_id: UUID, tag: str, dead: set[UUID], say: Any
+) -> tuple[int, int]:
+    """Release the leases that expired or whose task run is dead; (released, slots still
+    held by live leases)."""
+    now = datetime.now(UTC)
+    released = held = 0
+    for lease in run_coro_as_sync(_leases_for(storage, limit_id)) or []:
+        holder = lease.metadata.holder if lease.metadata else None
+        why = None
+        if lease.expiration <= now:
+            why = "its lease expired (not renewed: the holder is gone)"
+        elif holder is not None and holder.type == "task_run":
+            why = _dead_holder(client, holder.id, dead)
+        if why is None:
+            held += lease.metadata.slots if lease.metadata else 0
+            continue
+        client.release_concurrency_slots_with_lease(lease.id)
+        say(f"Released the {tag!r} slot held by task run {_holder_name(client, holder)}: {why}")
+        released += 1
+    return released, held
 
 
 def _dead_holder(client: Any, task_run_id: UUID, dead: set[UUID]) -> str | None:

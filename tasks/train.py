@@ -21,10 +21,7 @@ traceback.
 
 from __future__ import annotations
 
-import logging
-
 from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 
 from fire_mpo_core.faults import fault_point
 from fire_mpo_core.policy import read_policy, write_policy
@@ -34,15 +31,8 @@ from fire_mpo_core.training.health import HealthCheckFailed, RoundHealth
 from fire_mpo_core.training.job import TrainJob
 from fire_mpo_core.training.launch import launch_training
 from fire_mpo_core.training.preference import train_preference
-from tasks.common import Progress, StageCall, retry_condition, stage_task
+from tasks.common import Progress, StageCall, retry_condition, stage_task, task_logger
 from tasks.reference import reference_adapter
-
-
-def _warn(line: str) -> None:
-    try:
-        get_run_logger().warning(line)
-    except MissingContextError:  # the body called directly (tests, scripts): plain logging
-        logging.getLogger("fire_mpo.train").warning(line)
 
 
 def _job(call: StageCall, cfg: TrainConfig, out_dir) -> TrainJob:
@@ -61,7 +51,9 @@ def _job(call: StageCall, cfg: TrainConfig, out_dir) -> TrainJob:
 
 def body(call: StageCall, w: StageWriter) -> dict:
     cfg = TrainConfig.model_validate(call.config["train"])
-    health = RoundHealth(cfg.health, call.round, call.inputs["policy"], warn=_warn)
+    health = RoundHealth(
+        cfg.health, call.round, call.inputs["policy"], warn=task_logger("train").warning
+    )
     health.check_pairs(call.inputs["corrupt"] / DATA)  # before any compute: may fail the stage
     progress = Progress(f"train, round {call.round}: optimizer steps")
 
