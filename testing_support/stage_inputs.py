@@ -3,6 +3,7 @@ raw record lines, a finished `prepare`-like dataset folder, rollouts, and the LL
 
     prep = dataset(store, [record_line("rec-0")], {"images/rec-0.png": png()})
     policy = finished(store, "policy", lambda p: (p / "policy.json").write_text("{}"))
+    res = run_body(store, "judge", tasks.judge.body, {"judge": {...}}, {"prepare": prep, ...})
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from fire_mpo_core.data.records import Rollout, VQARecord
-from fire_mpo_core.store import ArtifactStore
+from fire_mpo_core.store import ArtifactStore, StageResult
 
 
 def png(size=(16, 16), mode="RGB", seed=0) -> bytes:
@@ -122,3 +123,26 @@ def wrong_answers(records: Sequence[VQARecord]) -> list[list[str]]:
     for r in records:
         by_type.setdefault(r.question_type, []).append(r.answer)
     return [[a for a in by_type[r.question_type] if a != r.answer] for r in records]
+
+
+def run_body(
+    store: ArtifactStore,
+    stage: str,
+    body: Callable,
+    config: dict[str, Any],
+    inputs: dict[str, Path],
+    *,
+    resumable: bool = False,
+    **kw: Any,
+) -> StageResult:
+    """Run a stage task's ``body`` on ``store`` the way its Prefect task does
+    (tasks.common.stage_task: the store's run_stage, ``max_reject_fraction`` from the config),
+    without Prefect: run "r", round 1, code version "t"."""
+    from tasks.common import StageCall  # tasks sit above the core this module otherwise uses
+
+    call = StageCall(store=store.root, run="r", round=1, stage=stage, config=config, inputs=inputs)
+    kw.setdefault("max_reject_fraction", config.get("max_reject_fraction"))
+    return store.run_stage(
+        run="r", round_=1, stage=stage, config=config, inputs=inputs, code="t",
+        fn=lambda w: body(call, w), resumable=resumable, **kw,
+    )  # fmt: skip

@@ -83,3 +83,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_progress_bars(monkeypatch) -> None:
+    """Stage bodies called directly: their progress bars would go to the Prefect API, an
+    external service that is not under test there."""
+    import tasks.common
+
+    monkeypatch.setattr(tasks.common, "create_progress_artifact", lambda *a, **k: None)
+    monkeypatch.setattr(tasks.common, "update_progress_artifact", lambda *a, **k: None)

@@ -18,7 +18,6 @@ import time
 
 import pytest
 
-import tasks.common
 from fire_mpo_core.store import ArtifactStore, TooManyRejects
 from tasks import judge as judge_task
 from tasks import sample as sample_task
@@ -30,12 +29,12 @@ from testing_support.stage_inputs import record_line as _line
 KEY_ENV = "FIRE_MPO_TEST_ENDPOINT_KEY"
 
 
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
+
+
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-endpoint-0123456789")
-    # Progress bars go to the Prefect API, an external service not under test here.
-    monkeypatch.setattr(tasks.common, "create_progress_artifact", lambda *a, **k: None)
-    monkeypatch.setattr(tasks.common, "update_progress_artifact", lambda *a, **k: None)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import shutil
 
 import pytest
 
-import tasks.common
 from fire_mpo_core.data.records import Rollout
 from fire_mpo_core.policy import PolicyRef, write_policy
 from fire_mpo_core.store import ArtifactStore, write_jsonl
@@ -31,8 +30,7 @@ from tasks import corrupt as corrupt_task
 from tasks import judge as judge_task
 from tasks import reference as reference_task
 from tasks import train as train_task
-from tasks.common import StageCall
-from testing_support.stage_inputs import finished, wrong_answers
+from testing_support.stage_inputs import finished, run_body, wrong_answers
 
 #: The trainer's tiny model on a world with 4 questions per scan (more question types, so more
 #: records with a wrong answer of their kind to give).
@@ -55,25 +53,7 @@ GAP_WARNING = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_dashboard(monkeypatch):
-    # Progress bars go to the Prefect API, an external service that is not under test here.
-    monkeypatch.setattr(tasks.common, "create_progress_artifact", lambda *a, **k: None)
-    monkeypatch.setattr(tasks.common, "update_progress_artifact", lambda *a, **k: None)
-
-
-def run_body(store, stage, body, config, inputs):
-    call = StageCall(store=store.root, run="r", round=1, stage=stage, config=config, inputs=inputs)
-    return store.run_stage(
-        run="r",
-        round_=1,
-        stage=stage,
-        config=config,
-        inputs=inputs,
-        code="t",
-        fn=lambda w: body(call, w),
-        resumable=stage == "train",
-    )
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +96,7 @@ def test_gt_style_judge_trips_the_length_gap_warning(setup, caplog):
     store = setup[0]
     inputs = round_inputs(setup, "gt_style", TRAIN)
     with caplog.at_level(logging.WARNING, logger="fire_mpo.train"):
-        res = run_body(store, "train", train_task.body, {"train": TRAIN}, inputs)
+        res = run_body(store, "train", train_task.body, {"train": TRAIN}, inputs, resumable=True)
     warnings = [r.getMessage() for r in caplog.records if r.name == "fire_mpo.train"]
     print("\n".join(warnings))  # what a user sees (pytest -s)
     assert any(re.fullmatch(GAP_WARNING, w) for w in warnings), warnings
@@ -135,7 +115,7 @@ def test_on_policy_pairs_of_the_same_answers_do_not(setup, caplog):
     store = setup[0]
     inputs = round_inputs(setup, "on_policy", TRAIN)
     with caplog.at_level(logging.WARNING, logger="fire_mpo.train"):
-        res = run_body(store, "train", train_task.body, {"train": TRAIN}, inputs)
+        res = run_body(store, "train", train_task.body, {"train": TRAIN}, inputs, resumable=True)
     assert abs(res.manifest["counts"]["health/length_gap_words"]) < 1.0  # minimal edits
     assert "length_gap" not in res.manifest["counts"]["health/flagged"]
     assert not any("words longer" in r.getMessage() for r in caplog.records)
@@ -146,7 +126,7 @@ def test_fail_fails_the_train_stage_with_the_reason_before_training(setup):
     train = {**TRAIN, "health": {"fail": True}}
     inputs = round_inputs(setup, "gt_style", train)
     with pytest.raises(HealthCheckFailed, match=GAP_WARNING) as err:
-        run_body(store, "train", train_task.body, {"train": train}, inputs)
+        run_body(store, "train", train_task.body, {"train": train}, inputs, resumable=True)
     assert "train.health.fail is set" in str(err.value)
     # No compute was spent: the working folder holds no training log, no adapter.
     partial = next((store.root / "r" / "round-1" / "train").glob(".partial-*"))

@@ -26,18 +26,19 @@ from testing_support.stage_inputs import (
     finished,
     png,
     record_line,
+    run_body,
 )
 
 KEY_ENV = "FIRE_MPO_TEST_ACCOUNTING_KEY"
 PRICES = {"price_per_million_input_tokens": 1.0, "price_per_million_output_tokens": 4.0}
 
 
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
+
+
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-accounting-0123456789")
-    # Progress bars go to the Prefect API, an external service not under test here.
-    monkeypatch.setattr(tasks.common, "create_progress_artifact", lambda *a, **k: None)
-    monkeypatch.setattr(tasks.common, "update_progress_artifact", lambda *a, **k: None)
 
 
 @pytest.fixture
@@ -57,14 +58,6 @@ def _endpoint(url: str, **kw) -> dict:
         "max_concurrency": 1,
         **kw,
     }
-
-
-def _run(store: ArtifactStore, stage: str, config: dict, inputs: dict, body, **kw) -> StageResult:
-    call = StageCall(store=store.root, run="r", round=1, stage=stage, config=config, inputs=inputs)
-    return store.run_stage(
-        run="r", round_=1, stage=stage, config=config, inputs=inputs, code="t",
-        fn=lambda w: body(call, w), resumable=True, **kw,
-    )  # fmt: skip
 
 
 def _judge_inputs(store: ArtifactStore, ids: list[str]) -> dict:
@@ -101,7 +94,7 @@ def _table(store: ArtifactStore, res: StageResult, monkeypatch) -> dict:
 
 def _judge(store, inputs, endpoint: dict, **kw) -> StageResult:
     config = {"judge": {"name": "llm", "llm": {"endpoint": endpoint}}}
-    return _run(store, "judge", config, inputs, judge_task.body, **kw)
+    return run_body(store, "judge", judge_task.body, config, inputs, resumable=True, **kw)
 
 
 def test_judge_table_counts_retries_tokens_and_cost(store, monkeypatch):
@@ -177,7 +170,14 @@ def test_sample_table_counts_the_openai_engine(store):
         fake.script(server_error(503))
         endpoint = _endpoint(fake.base_url, **PRICES)
         config = {"sample": {"engine": "openai", "n": 2, "openai": endpoint}}
-        res = _run(store, "sample", config, {"prepare": prep, "policy": policy}, sample_task.body)
+        res = run_body(
+            store,
+            "sample",
+            sample_task.body,
+            config,
+            {"prepare": prep, "policy": policy},
+            resumable=True,
+        )
     counts = res.manifest["counts"]
     assert counts["rollouts"] == 4  # 2 records x n = 2, both choices from one request each
     # 3 requests: the 503 failed and was retried once.
@@ -190,7 +190,9 @@ def test_sample_table_counts_the_openai_engine(store):
 
 def test_offline_judge_table_has_no_llm_rows(store):
     inputs = _judge_inputs(store, GOOD)  # rules judge: "yes" asked, the response names a lung
-    res = _run(store, "judge", {"judge": {"name": "rules"}}, inputs, judge_task.body)
+    res = run_body(
+        store, "judge", judge_task.body, {"judge": {"name": "rules"}}, inputs, resumable=True
+    )
     counts = res.manifest["counts"]
     assert counts["rollouts"] == 2
     assert not [k for k in counts if k.startswith("llm_")]

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tasks.common
 from fire_mpo_core.config import ConfigError, load_config
 from fire_mpo_core.corruption.masks import mask_from_source
 from fire_mpo_core.data.io import MAX_IMAGE_PIXELS, ImageError, load_records, open_image
@@ -33,9 +32,17 @@ from fire_mpo_core.store import ArtifactStore, TooManyRejects, read_jsonl
 from tasks import corrupt as corrupt_task
 from tasks import judge as judge_task
 from tasks import sample as sample_task
-from tasks.common import StageCall
 from testing_support.fake_openai import ok
-from testing_support.stage_inputs import GOOD, GOOD_REPLY, RESPONSE, dataset, finished, png, record
+from testing_support.stage_inputs import (
+    GOOD,
+    GOOD_REPLY,
+    RESPONSE,
+    dataset,
+    finished,
+    png,
+    record,
+    run_body,
+)
 from testing_support.stage_inputs import judge_reply as _reply
 from testing_support.stage_inputs import record_line as _line
 
@@ -89,27 +96,7 @@ def fake(monkeypatch, fake_openai):
     return fake_openai
 
 
-@pytest.fixture(autouse=True)
-def _no_dashboard(monkeypatch):
-    # Progress bars go to the Prefect API, an external service that is not under test here.
-    monkeypatch.setattr(tasks.common, "create_progress_artifact", lambda *a, **k: None)
-    monkeypatch.setattr(tasks.common, "update_progress_artifact", lambda *a, **k: None)
-
-
-def run_body(store, stage, body, config, inputs, **kw):
-    call = StageCall(store=store.root, run="r", round=1, stage=stage, config=config, inputs=inputs)
-    return store.run_stage(
-        run="r",
-        round_=1,
-        stage=stage,
-        config=config,
-        inputs=inputs,
-        code="t",
-        fn=lambda w: body(call, w),
-        # As tasks.common.stage_task passes it.
-        max_reject_fraction=config.get("max_reject_fraction"),
-        **kw,
-    )
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
 
 
 def outcome(path: Path, id_field: str = "record_id") -> tuple[set[str], dict[str, str]]:
