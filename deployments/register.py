@@ -81,6 +81,9 @@ LOOP_TRIGGER = DeploymentEventTrigger(
     "is the alternative.",
     expect={LOOP_CONTINUE},
     match={"prefect.resource.id": "fire-mpo.run.*"},
+    # Only decisions of deployment runs (full-cycle, next-round): a `make run` on the same
+    # PREFECT_HOME (its temporary API runs triggers too) must not queue rounds for the worker.
+    match_related={"prefect.resource.role": "deployment"},
     posture="Reactive",
     threshold=1,
     within=timedelta(0),

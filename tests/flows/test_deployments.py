@@ -240,12 +240,23 @@ def test_loop_automation_starts_next_round_from_the_event_and_keeps_user_state(
     assert auto.owner_resource is None  # not deleted when the deployment is applied again
     assert not _next_round_runs(nxt.id)
 
-    payload = {"run": "lp", "store": str(tmp_path / "store"), "config": "/x/loop.yaml", "round": 3}
+    payload = {"run": "lp", "store": str(tmp_path / "store"), "config": "/x/loop.yaml", "round": 2}
+    # A decision of a run that no deployment started (`make run`) starts nothing; one from a
+    # deployment run (Prefect relates the deployment to the events of its runs) does.
     emit_event(
-        LOOP_CONTINUE, resource={"prefect.resource.id": "fire-mpo.run.lp.round.3"}, payload=payload
+        LOOP_CONTINUE, resource={"prefect.resource.id": "fire-mpo.run.lp.round.2"}, payload=payload
     )
+    emit_event(
+        LOOP_CONTINUE,
+        resource={"prefect.resource.id": "fire-mpo.run.lp.round.3"},
+        related=[{"prefect.resource.id": f"prefect.deployment.{nxt.id}",
+                  "prefect.resource.role": "deployment"}],
+        payload={**payload, "round": 3},
+    )  # fmt: skip
     runs = _next_round_runs(nxt.id, timeout_s=60)
-    assert len(runs) == 1, "the automation did not start next-round within 60 s"
+    time.sleep(2)  # the first event, had it triggered, was processed before the second
+    runs = _next_round_runs(nxt.id)
+    assert len(runs) == 1, f"expected one next-round run (the deployment run's event): {runs}"
     assert runs[0].parameters == {
         "config": "/x/loop.yaml",
         "store": str(tmp_path / "store"),
