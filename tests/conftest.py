@@ -93,3 +93,11 @@ def no_progress_bars(monkeypatch) -> None:
 
     monkeypatch.setattr(tasks.common, "create_progress_artifact", lambda *a, **k: None)
     monkeypatch.setattr(tasks.common, "update_progress_artifact", lambda *a, **k: None)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty artifact store in the test's folder (the stage-body tests run bodies on it)."""
+    from fire_mpo_core.store import ArtifactStore
+
+    return ArtifactStore(tmp_path / "store")

@@ -37,11 +37,6 @@ def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-endpoint-0123456789")
 
 
-@pytest.fixture
-def store(tmp_path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "store")
-
-
 def _question(body: dict) -> str:
     return body["messages"][0]["content"][1]["text"]
 

@@ -41,11 +41,6 @@ def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-accounting-0123456789")
 
 
-@pytest.fixture
-def store(tmp_path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "store")
-
-
 def _endpoint(url: str, **kw) -> dict:
     return {
         "base_urls": [url],

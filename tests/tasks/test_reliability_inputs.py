@@ -28,7 +28,7 @@ from fire_mpo_core.config import ConfigError, load_config
 from fire_mpo_core.corruption.masks import mask_from_source
 from fire_mpo_core.data.io import MAX_IMAGE_PIXELS, ImageError, load_records, open_image
 from fire_mpo_core.data.records import MAX_TEXT_CHARS
-from fire_mpo_core.store import ArtifactStore, TooManyRejects, read_jsonl
+from fire_mpo_core.store import TooManyRejects, read_jsonl
 from tasks import corrupt as corrupt_task
 from tasks import judge as judge_task
 from tasks import sample as sample_task
@@ -83,11 +83,6 @@ def palette_png() -> bytes:
 
 
 # --------------------------------------------------------------------------- stage plumbing
-
-
-@pytest.fixture
-def store(tmp_path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "store")
 
 
 @pytest.fixture
